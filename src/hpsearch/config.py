@@ -1,0 +1,306 @@
+"""Study files (`studies/<name>.toml`) -> a validated, frozen `StudyConfig`.
+
+Every problem in a file is reported at once (`ConfigError`), before anything touches the storage.
+A study file is data: the search space, the data split, training, sampler, pruner and budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpsearch.errors import ConfigError
+
+# Shipped study files live in <repo>/studies; a user's own can be anywhere (`--study path.toml`).
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- search space -------------------------------------------------------------------------------
+
+
+class FloatRange(_Frozen):
+    """A float suggested in [low, high]; `log = true` samples on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatRange":
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, but got low={self.low}")
+        return self
+
+
+class IntRange(_Frozen):
+    """An integer suggested in [low, high]; `log = true` samples on a log scale."""
+
+    low: int
+    high: int
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntRange":
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, but got low={self.low}, high={self.high}")
+        if self.low < 1:
+            raise ValueError(f"low must be at least 1, but got low={self.low}")
+        return self
+
+
+class Choice(_Frozen):
+    """One of a list of values."""
+
+    choices: tuple[Any, ...] = Field(min_length=1)
+
+
+Optimizer = Literal["adam", "adamw", "sgd"]
+
+
+class OptimizerChoice(_Frozen):
+    choices: tuple[Optimizer, ...] = Field(min_length=1)
+
+
+class BatchChoice(_Frozen):
+    choices: tuple[Annotated[int, Field(ge=1)], ...] = Field(min_length=1)
+
+
+def _knob(searched: Any, fixed: Any) -> Any:
+    """A knob is either searched (a table: range or choices) or fixed (a plain value).
+
+    The discriminator picks the branch from the value's shape, so an error names one problem
+    instead of "not a table, and not a number either".
+    """
+    return Annotated[
+        Union[Annotated[searched, Tag("searched")], Annotated[fixed, Tag("fixed")]],
+        Discriminator(lambda v: "searched" if isinstance(v, (dict, BaseModel)) else "fixed"),
+    ]
+
+
+FloatKnob = _knob(FloatRange, float)
+ChannelKnob = _knob(IntRange, Annotated[int, Field(ge=1)])
+
+
+class SearchSpace(_Frozen):
+    """What the trial chooses. Each entry is a range/choices (searched) or a plain value (fixed)."""
+
+    lr: FloatKnob
+    weight_decay: FloatKnob = 0.0
+    optimizer: _knob(OptimizerChoice, Optimizer) = "adam"
+    momentum: FloatKnob = 0.9  # used by SGD only
+    conv1_channels: ChannelKnob = 32
+    conv2_channels: ChannelKnob = 64
+    dropout: FloatKnob = 0.0
+    batch_size: _knob(BatchChoice, Annotated[int, Field(ge=1)]) = 128
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: FloatKnob) -> FloatKnob:
+        low = v.low if isinstance(v, FloatRange) else v
+        if low <= 0:
+            raise ValueError(f"the learning rate must be > 0, but got {low}")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _non_negative(cls, v: FloatKnob) -> FloatKnob:
+        low = v.low if isinstance(v, FloatRange) else v
+        if low < 0:
+            raise ValueError(f"must be >= 0, but got {low}")
+        return v
+
+    @field_validator("dropout", "momentum")
+    @classmethod
+    def _unit_interval(cls, v: FloatKnob) -> FloatKnob:
+        lo, hi = (v.low, v.high) if isinstance(v, FloatRange) else (v, v)
+        if not (0.0 <= lo and hi < 1.0):
+            raise ValueError(f"must lie in [0, 1), but got {lo}..{hi}")
+        return v
+
+
+# --- the rest of the file -----------------------------------------------------------------------
+
+Dataset = Literal["mnist", "fashion-mnist", "kmnist", "cifar10", "idx"]
+
+
+class DataConfig(_Frozen):
+    dataset: Dataset
+    root: str = "data"
+    parts: tuple[Literal["train", "test"], ...] = ("train", "test")
+    images: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    split: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    split_seed: int = 0
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"train/val/test fractions must be > 0 and sum to 1, but got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _idx_files(self) -> "DataConfig":
+        if len(self.images) != len(self.labels):
+            raise ValueError(
+                f"images and labels must name the same number of files, "
+                f"but got {len(self.images)} and {len(self.labels)}"
+            )
+        if self.dataset != "idx" and self.images:
+            raise ValueError(f"images/labels are for dataset = 'idx', not {self.dataset!r}")
+        if not self.parts:
+            raise ValueError("parts must name at least one of 'train', 'test'")
+        return self
+
+
+class TrainingConfig(_Frozen):
+    max_epochs: int = Field(gt=0)
+    patience: int = Field(default=3, gt=0)
+    eval_batch_size: int = Field(default=2048, gt=0)
+    crop_margin: int = Field(default=4, ge=0)
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1)
+    plateau_patience: int = Field(default=1, ge=0)
+    channels_last: bool = True
+    bf16: Literal["auto", "on", "off"] = "auto"
+
+
+class SamplerConfig(_Frozen):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = Field(default=8, ge=0)
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+class PrunerConfig(_Frozen):
+    type: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(default=4, ge=0)
+    n_warmup_steps: int = Field(default=2, ge=0)
+    min_resource: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2)
+
+
+class BudgetConfig(_Frozen):
+    n_trials: int = Field(gt=0)
+    timeout_minutes: float | None = Field(default=None, gt=0)
+
+
+class StorageConfig(_Frozen):
+    heartbeat_interval: int = Field(default=10, gt=0)
+    grace_period: int = Field(default=60, gt=0)
+    max_retry: int = Field(default=3, ge=0)
+
+    @model_validator(mode="after")
+    def _grace(self) -> "StorageConfig":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period must exceed heartbeat_interval, but got "
+                f"grace_period={self.grace_period}, heartbeat_interval={self.heartbeat_interval}"
+            )
+        return self
+
+
+class StudySection(_Frozen):
+    name: str = Field(min_length=1)
+    description: str = ""
+
+
+class StudyConfig(_Frozen):
+    study: StudySection
+    data: DataConfig
+    search: SearchSpace
+    training: TrainingConfig
+    sampler: SamplerConfig = SamplerConfig()
+    pruner: PrunerConfig = PrunerConfig()
+    budget: BudgetConfig
+    storage: StorageConfig = StorageConfig()
+
+    # Not part of the file: where it came from, for messages and the report.
+    source: str = Field(default="", exclude=True)
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the search (data, space, training). Budget may change freely."""
+        keep = self.model_dump(mode="json", include={"data", "search", "training"})
+        keep["data"].pop("root", None)  # where the files are is per machine, not per search
+        blob = json.dumps(keep, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_study_path(study: str) -> Path:
+    """`--study` takes a name from `studies/` or a path to a `.toml` file."""
+    p = Path(study)
+    if p.suffix == ".toml" or "/" in study or p.exists():
+        if not p.is_file():
+            raise ConfigError(str(p), [f"no such study file; shipped studies: {', '.join(shipped_studies())}"])
+        return p
+    for base in (Path.cwd() / "studies", STUDIES_DIR):
+        candidate = base / f"{study}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        study,
+        [f"no study named {study!r}; pass a path to a .toml file or one of: {', '.join(shipped_studies())}"],
+    )
+
+
+def shipped_studies() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    # pydantic's loc names union members ("FloatRange", "float"); keep only the user's field path.
+    loc = ".".join(
+        str(part)
+        for part in err["loc"]
+        if part not in {"searched", "fixed"} and not str(part).startswith(("function-", "constrained-"))
+    )
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check its spelling against studies/cnn.toml)"
+    elif err["type"] == "missing":
+        msg = "missing required field"
+    elif "input" in err and err["type"] not in {"value_error"} and not isinstance(err["input"], dict):
+        msg = f"{msg}, but got {err['input']!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_config(study: str | Path) -> StudyConfig:
+    """Read and validate a study file. Raises `ConfigError` listing every problem."""
+    path = resolve_study_path(str(study))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"not valid TOML ({e})"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), [f"cannot read the file ({e})"]) from None
+    raw.setdefault("study", {}).setdefault("name", path.stem)
+    try:
+        cfg = StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        problems: list[str] = []
+        for err in e.errors():
+            text = _format_error(err)
+            if text not in problems:
+                problems.append(text)
+        raise ConfigError(str(path), problems) from None
+    return cfg.model_copy(update={"source": str(path)})

@@ -1,0 +1,85 @@
+"""The seed CNN, with the trial choosing channel counts and dropout.
+
+conv(5x5) -> ReLU -> max-pool(2) -> conv(5x5) -> ReLU -> max-pool(2) -> dropout -> linear.
+It returns logits: `nn.CrossEntropyLoss` applies log-softmax itself (the seed's Softmax layer
+before it would be wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+KERNEL = 5
+POOL = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network, stored with every checkpoint."""
+
+    in_channels: int
+    num_classes: int
+    input_hw: tuple[int, int]  # after cropping
+    conv1_channels: int
+    conv2_channels: int
+    dropout: float
+
+    def feature_hw(self) -> tuple[int, int]:
+        h, w = self.input_hw
+        for _ in range(2):
+            h, w = (h - KERNEL + 1) // POOL, (w - KERNEL + 1) // POOL
+        return h, w
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ModelSpec":
+        return ModelSpec(**{**d, "input_hw": tuple(d["input_hw"])})
+
+
+class CNN(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h, w = spec.feature_hw()
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"input of {spec.input_hw[0]}x{spec.input_hw[1]} is too small for two 5x5 convolutions "
+                f"and two 2x2 poolings (needs at least 16x16 after cropping)"
+            )
+        self.spec = spec
+        self.features = nn.Sequential(
+            nn.Conv2d(spec.in_channels, spec.conv1_channels, KERNEL),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(POOL),
+            nn.Conv2d(spec.conv1_channels, spec.conv2_channels, KERNEL),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(POOL),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(spec.conv2_channels * h * w, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(spec: ModelSpec) -> int:
+    """Multiply-adds x 2 of one forward pass (convolutions and the linear layer)."""
+    h, w = spec.input_hw
+    h1, w1 = h - KERNEL + 1, w - KERNEL + 1
+    conv1 = h1 * w1 * spec.conv1_channels * spec.in_channels * KERNEL * KERNEL
+    h2, w2 = h1 // POOL - KERNEL + 1, w1 // POOL - KERNEL + 1
+    conv2 = h2 * w2 * spec.conv2_channels * spec.conv1_channels * KERNEL * KERNEL
+    fh, fw = spec.feature_hw()
+    linear = spec.conv2_channels * fh * fw * spec.num_classes
+    return 2 * (conv1 + conv2 + linear)

@@ -1,0 +1,174 @@
+"""The Optuna objective: suggest, build, train, report, prune, checkpoint.
+
+The search space is read in one place (`suggest_hparams`); everything else is the shared training
+loop (`train.fit`) with a per-epoch hook that reports the validation loss to Optuna and prunes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore
+
+from hpsearch.checkpoint import Checkpoint, save_best
+from hpsearch.config import (
+    BatchChoice,
+    FloatRange,
+    IntRange,
+    OptimizerChoice,
+    SearchSpace,
+    StudyConfig,
+)
+from hpsearch.data import SearchData, crop_size
+from hpsearch.model import CNN, ModelSpec
+from hpsearch.train import Diverged, EpochResult, HParams, Precision, fit
+
+
+class TrialFailed(Exception):
+    """A trial that cannot run (out of memory): failed with its reason, and the worker goes on."""
+
+
+def suggest(trial: optuna.Trial, name: str, knob: Any) -> Any:
+    """A searched knob is suggested; a fixed one is returned as it is."""
+    if isinstance(knob, FloatRange):
+        return trial.suggest_float(name, knob.low, knob.high, log=knob.log)
+    if isinstance(knob, IntRange):
+        return trial.suggest_int(name, knob.low, knob.high, log=knob.log)
+    if isinstance(knob, (OptimizerChoice, BatchChoice)):
+        return trial.suggest_categorical(name, list(knob.choices))
+    return knob
+
+
+def suggest_hparams(trial: optuna.Trial, space: SearchSpace) -> HParams:
+    """The whole search space, in one place."""
+    optimizer = suggest(trial, "optimizer", space.optimizer)
+    return HParams(
+        lr=suggest(trial, "lr", space.lr),
+        weight_decay=suggest(trial, "weight_decay", space.weight_decay),
+        optimizer=optimizer,
+        # Momentum exists only for SGD; Adam's betas stay at their defaults.
+        momentum=suggest(trial, "momentum", space.momentum) if optimizer == "sgd" else 0.0,
+        conv1_channels=suggest(trial, "conv1_channels", space.conv1_channels),
+        conv2_channels=suggest(trial, "conv2_channels", space.conv2_channels),
+        dropout=suggest(trial, "dropout", space.dropout),
+        batch_size=suggest(trial, "batch_size", space.batch_size),
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One line of news for the worker's display."""
+
+    trial: int
+    epoch: int
+    max_epochs: int
+    val_loss: float
+    val_accuracy: float
+    samples_per_s: float
+    trial_best: float
+
+
+def trial_seed(base: int | None, number: int) -> int:
+    if base is None:
+        return secrets.randbits(31)
+    return (base * 1_000_003 + number) % 2**31
+
+
+class Objective:
+    def __init__(
+        self,
+        cfg: StudyConfig,
+        data: SearchData,
+        device: torch.device,
+        store: FileSystemArtifactStore,
+        on_progress: Callable[[Progress], None] = lambda p: None,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        self.store = store
+        self.on_progress = on_progress
+        self.crop = crop_size(data.image_shape, cfg.training.crop_margin)
+        self.precision = Precision.choose(device, cfg.training.channels_last, cfg.training.bf16)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg, data, t = self.cfg, self.data, self.cfg.training
+        hp = suggest_hparams(trial, cfg.search)
+        seed = trial_seed(cfg.sampler.seed, trial.number)
+        attrs: dict[str, Any] = {
+            "hparams": hp.to_dict(),
+            "seed": seed,
+            "device": str(self.device),
+            "host": socket.gethostname(),
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "split_fingerprint": data.fingerprint,
+        }
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+
+        spec = ModelSpec(
+            in_channels=data.image_shape[0],
+            num_classes=data.num_classes,
+            input_hw=self.crop,
+            conv1_channels=hp.conv1_channels,
+            conv2_channels=hp.conv2_channels,
+            dropout=hp.dropout,
+        )
+        torch.manual_seed(seed)  # the initial weights
+        model = CNN(spec).to(self.device)
+        if self.precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        def report(r: EpochResult) -> None:
+            trial.report(r.val.loss, r.epoch)
+            self.on_progress(
+                Progress(trial.number, r.epoch, t.max_epochs, r.val.loss, r.val.accuracy,
+                         r.train.samples_per_s, r.best_val_loss)
+            )
+            if trial.should_prune():
+                trial.set_user_attr("val_accuracy", r.best_val_accuracy)
+                trial.set_user_attr("best_epoch", r.best_epoch)
+                trial.set_user_attr("epochs", r.epoch)
+                trial.set_user_attr("samples_per_s", round(r.train.samples_per_s, 1))
+                trial.set_user_attr("stop_reason", f"pruned after epoch {r.epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {r.epoch}")
+
+        try:
+            result = fit(
+                model, hp, data.train, data.val, data.normalizer, self.crop,
+                max_epochs=t.max_epochs, patience=t.patience,
+                plateau_factor=t.plateau_factor, plateau_patience=t.plateau_patience,
+                eval_batch_size=t.eval_batch_size, precision=self.precision, seed=seed,
+                on_epoch=report,
+            )
+        except Diverged as e:
+            # A diverging learning rate is a real (bad) result for the sampler to learn from, so the
+            # trial is pruned, not failed: TPE ranks pruned trials below every completed one.
+            trial.set_user_attr("stop_reason", f"diverged: {e}")
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        except torch.OutOfMemoryError as e:
+            del model
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"out of memory on {self.device} (batch_size={hp.batch_size}): {str(e).splitlines()[0]}"
+            trial.set_user_attr("stop_reason", reason)
+            raise TrialFailed(reason) from None
+
+        trial.set_user_attr("val_accuracy", result.best_val_accuracy)
+        trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("epochs", result.epochs)
+        trial.set_user_attr("samples_per_s", round(result.samples_per_s, 1))
+        trial.set_user_attr("stop_reason", result.stop_reason)
+        save_best(
+            Checkpoint(spec, hp, result.best_state, data.normalizer, self.crop, self.precision,
+                       result.best_epoch, result.best_val_loss, result.best_val_accuracy),
+            trial, self.store,
+        )
+        return result.best_val_loss

@@ -1,0 +1,159 @@
+"""The Optuna study: created once from a study file, joined by every worker, and its budget."""
+
+from __future__ import annotations
+
+import socket
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from hpsearch import __version__
+from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
+from hpsearch.errors import StorageError
+from hpsearch.storage import study_names
+
+OBJECTIVE_NAME = "validation loss"
+ATTR = "hpsearch"  # the study user attribute that records how the study was made
+
+
+def make_sampler(cfg: SamplerConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    seed = None
+    if cfg.seed is not None:
+        # Workers must not share a seed, or they would propose the same points. Mixing in the host
+        # keeps one machine's run reproducible while different nodes still differ.
+        seed = (cfg.seed + zlib.crc32(socket.gethostname().encode()) + 7919 * worker_index) % 2**32
+    if cfg.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=cfg.n_startup_trials,
+            multivariate=cfg.multivariate,
+            group=cfg.multivariate,  # momentum exists only for SGD: a conditional space
+            constant_liar=cfg.constant_liar,
+        )
+
+
+def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
+    if cfg.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
+        )
+    if cfg.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=cfg.min_resource, max_resource=max_epochs, reduction_factor=cfg.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: StudyConfig, storage: RDBStorage, worker_index: int = 0) -> optuna.Study:
+    """Create the study if missing (safe when several workers start at once), else join it.
+
+    A study made from a different search (data, space or training changed) is refused: its
+    trials would not be comparable. The budget may change freely.
+    """
+    study = optuna.create_study(
+        study_name=cfg.study.name,
+        storage=storage,
+        sampler=make_sampler(cfg.sampler, worker_index),
+        pruner=make_pruner(cfg.pruner, cfg.training.max_epochs),
+        direction="minimize",
+        load_if_exists=True,
+    )
+    meta = study.user_attrs.get(ATTR)
+    if meta is None:
+        meta = {
+            "fingerprint": cfg.fingerprint(),
+            "config": cfg.model_dump(mode="json"),
+            "source": cfg.source,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_by": socket.gethostname(),
+            "version": __version__,
+        }
+        # Two workers racing here write the same fingerprint; either creation time is right.
+        study.set_user_attr(ATTR, meta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE_NAME])
+    elif meta.get("fingerprint") != cfg.fingerprint():
+        raise StorageError(
+            f"study {cfg.study.name!r} in this storage was made from a different study file "
+            f"(fingerprint {meta.get('fingerprint')} from {meta.get('source')!r}, this file gives "
+            f"{cfg.fingerprint()}); give the study a new [study] name, or use another --storage"
+        )
+    return study
+
+
+def load_study(name: str, storage: RDBStorage) -> optuna.Study:
+    """An existing study by name; the error lists the studies that exist."""
+    names = study_names(storage)
+    if name not in names:
+        have = ", ".join(names) if names else "none yet"
+        raise StorageError(f"no study named {name!r} in this storage (studies: {have})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def check_split(study: optuna.Study, fingerprint: str) -> None:
+    """Every worker must train on the same split; the first one to arrive records it."""
+    key = "split_fingerprint"
+    stored = study.user_attrs.get(key)
+    if stored is None:
+        study.set_user_attr(key, fingerprint)
+    elif stored != fingerprint:
+        raise StorageError(
+            f"this worker's data split (fingerprint {fingerprint}) differs from the study's "
+            f"({stored}): point --data-dir at the same files the other workers use"
+        )
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    budget: int
+    complete: int
+    pruned: int
+    failed: int  # failed and not re-queued: they used up their slot
+    running: int
+    waiting: int  # re-queued trials: they run before any new one, within the budget
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def may_start(self) -> bool:
+        """Start a trial if a re-queued one waits, or if finished + running leave room."""
+        return self.waiting > 0 or self.finished + self.running < self.budget
+
+
+def budget_state(study: optuna.Study, budget: int) -> BudgetState:
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    count = {s: 0 for s in TrialState}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number in retried:
+            continue
+        count[t.state] += 1
+    return BudgetState(
+        budget=budget,
+        complete=count[TrialState.COMPLETE],
+        pruned=count[TrialState.PRUNED],
+        failed=count[TrialState.FAIL],
+        running=count[TrialState.RUNNING],
+        waiting=count[TrialState.WAITING],
+    )
+
+
+def study_deadline(study: optuna.Study, timeout_minutes: float | None) -> float | None:
+    """Epoch seconds after which no new trial starts, counted from the study's creation."""
+    if timeout_minutes is None:
+        return None
+    created = study.user_attrs.get(ATTR, {}).get("created_at")
+    start = datetime.fromisoformat(created).timestamp() if created else time.time()
+    return start + 60 * timeout_minutes
