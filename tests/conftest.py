@@ -1,0 +1,86 @@
+"""Shared test helpers. Tiers: unit (default, fast), e2e on real MNIST, postgres, browser.
+
+Tests that need the real MNIST files fail (never skip) when they are missing: CI must run them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("HPSEARCH_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist-t10k"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(
+            f"the real MNIST test set is missing at {MNIST_DIR}; put ../shared/data/mnist-t10k beside "
+            f"the repo or set HPSEARCH_TEST_MNIST"
+        )
+    return MNIST_DIR
+
+
+# A search that reaches >= 97% validation accuracy on MNIST's 7,000 training images in a few
+# epochs: the space is narrowed around good values so the test checks the machinery, not luck.
+QUICK_STUDY = """\
+[study]
+name = "{name}"
+
+[data]
+dataset = "idx"
+
+[search]
+lr = {{ low = 1e-3, high = 1e-2, log = true }}
+weight_decay = {{ low = 1e-6, high = 1e-4, log = true }}
+optimizer = {{ choices = ["adam", "adamw"] }}
+conv1_channels = {{ low = 8, high = 32, log = true }}
+conv2_channels = {{ low = 16, high = 64, log = true }}
+dropout = {{ low = 0.0, high = 0.3 }}
+batch_size = 128
+
+[training]
+max_epochs = {max_epochs}
+patience = 2
+
+[sampler]
+n_startup_trials = 3
+seed = 7
+
+[pruner]
+type = "median"
+n_startup_trials = 2
+n_warmup_steps = 1
+
+[budget]
+n_trials = {n_trials}
+
+[storage]
+heartbeat_interval = {heartbeat_interval}
+grace_period = {grace_period}
+"""
+
+
+def write_study(path: Path, name: str = "quick", n_trials: int = 6, max_epochs: int = 4,
+                heartbeat_interval: int = 2, grace_period: int = 6) -> Path:
+    path.write_text(QUICK_STUDY.format(name=name, n_trials=n_trials, max_epochs=max_epochs,
+                                       heartbeat_interval=heartbeat_interval,
+                                       grace_period=grace_period))
+    return path
+
+
+def hpsearch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hpsearch.cli", *args]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `hpsearch ARGS` in a subprocess, with no HPSEARCH_* settings leaking in from outside."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
+    full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(hpsearch_cmd(*args), cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
