@@ -47,10 +47,13 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Shared options may come before or after the command; SUPPRESS keeps a subcommand's default
+    # from overwriting a value given before it (`hpsearch --debug worker ...`).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
     common.add_argument(
-        "--storage",
+        "--storage", default=argparse.SUPPRESS,
         metavar="URL",
         help="study storage: sqlite:///file.db or postgresql+psycopg2://user:pw@host/db "
         "(default: $HPSEARCH_STORAGE, else sqlite:///hpsearch.db)",
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for PyTorch image classifiers on Optuna.",
         parents=[common],
     )
+    parser.set_defaults(debug=False, storage=None)
     parser.add_argument("--version", action="version", version=f"hpsearch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except HpsearchError as e:
         if args.debug:
             traceback.print_exc()
-        sys.stderr.write(f"hpsearch: error: {e}\n")
+        # One line, always: messages quoting other libraries (torchvision, psycopg2) may hold newlines.
+        sys.stderr.write(f"hpsearch: error: {' '.join(str(e).split())}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("hpsearch: interrupted; the running trial (if any) was marked failed\n")

@@ -1,0 +1,134 @@
+"""Study files: every shipped one loads; every kind of bad file gets its one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+from hpsearch.config import STUDIES_DIR, load_config, shipped_studies
+from hpsearch.errors import ConfigError
+
+GOOD = """\
+[study]
+name = "t"
+[data]
+dataset = "idx"
+[search]
+lr = { low = 1e-3, high = 1e-2, log = true }
+optimizer = { choices = ["adam", "sgd"] }
+[training]
+max_epochs = 3
+[budget]
+n_trials = 4
+"""
+
+
+@pytest.mark.parametrize("name", shipped_studies())
+def test_shipped_study_loads(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.study.name
+    assert cfg.budget.n_trials > 0
+    # Loading by path gives the same study.
+    assert load_config(str(STUDIES_DIR / f"{name}.toml")).fingerprint() == cfg.fingerprint()
+
+
+def test_there_is_a_default_cnn_study() -> None:
+    assert "cnn" in shipped_studies()
+    cfg = load_config("cnn")
+    assert cfg.data.dataset == "fashion-mnist"
+    assert cfg.data.split == (0.70, 0.15, 0.15)
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD)
+    cfg = load_config(p)
+    assert cfg.sampler.type == "tpe" and cfg.pruner.type == "median"
+    assert cfg.search.conv1_channels == 32  # fixed at the seed's value unless searched
+
+
+BAD = [
+    # (what is wrong, the edit to GOOD, a field the message must name, words it must contain)
+    ("missing field", ("max_epochs = 3\n", ""), "training.max_epochs", "missing"),
+    ("wrong type", ("max_epochs = 3", 'max_epochs = "three"'), "training.max_epochs", "integer"),
+    ("low > high", ("low = 1e-3, high = 1e-2", "low = 1e-2, high = 1e-3"), "search.lr", "below high"),
+    ("unknown optimizer", ('["adam", "sgd"]', '["adam", "rmsprop"]'), "search.optimizer", "rmsprop"),
+    ("negative epochs", ("max_epochs = 3", "max_epochs = -3"), "training.max_epochs", "greater than 0"),
+    ("unknown key", ("max_epochs = 3", "max_epochs = 3\nepocs = 3"), "training.epocs", "unknown key"),
+    ("not TOML", ("[budget]", "[budget"), "", "not valid TOML"),
+    ("bad split", ('dataset = "idx"', 'dataset = "idx"\nsplit = [0.7, 0.2, 0.2]'), "data.split", "sum to 1"),
+    ("log of zero", ("low = 1e-3, high = 1e-2, log = true", "low = 0.0, high = 1e-2, log = true"),
+     "search.lr", "> 0"),
+]
+
+
+@pytest.mark.parametrize("what,edit,field,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_file_is_rejected_with_a_useful_message(tmp_path: Path, what, edit, field, words) -> None:
+    old, new = edit
+    assert old in GOOD
+    p = tmp_path / "bad.toml"
+    p.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and field in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("what,edit,field,words", BAD[:3] + BAD[5:7], ids=[b[0] for b in BAD[:3] + BAD[5:7]])
+def test_cli_prints_one_line_and_exits_2_without_touching_storage(tmp_path: Path, what, edit, field, words) -> None:
+    old, new = edit
+    p = tmp_path / "bad.toml"
+    p.write_text(GOOD.replace(old, new, 1))
+    r = run_cli("worker", "--study", str(p), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpsearch: error:") and field in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "hpsearch.db").exists()  # rejected before anything touched the storage
+
+
+def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(
+        GOOD.replace("max_epochs = 3", "max_epochs = -1\npatience = 0")
+        .replace("low = 1e-3, high = 1e-2", "low = 1e-2, high = 1e-3")
+        .replace('dataset = "idx"', 'dataset = "imagenet"')
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert len(e.value.problems) == 4, e.value.problems
+    assert "4 problems" in str(e.value)
+
+
+def test_unknown_study_name_lists_the_shipped_ones(tmp_path: Path) -> None:
+    r = run_cli("worker", "--study", "no-such-study", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "no study named 'no-such-study'" in r.stderr and "cnn" in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    r = run_cli("--debug", "worker", "--study", "no-such-study", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_usage_error_is_one_line(tmp_path: Path) -> None:
+    r = run_cli("worker", "--study", "cnn", "--n-trials", "zero", cwd=tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--n-trials" in r.stderr
+
+
+def test_fingerprint_ignores_budget_and_data_root(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "c.toml"
+    a.write_text(GOOD)
+    b.write_text(GOOD.replace("n_trials = 4", "n_trials = 40").replace('dataset = "idx"', 'dataset = "idx"\nroot = "/x"'))
+    c.write_text(GOOD.replace("max_epochs = 3", "max_epochs = 4"))
+    assert load_config(a).fingerprint() == load_config(b).fingerprint()
+    assert load_config(a).fingerprint() != load_config(c).fingerprint()
+
+
+def test_readme_documents_every_section_of_the_default_study() -> None:
+    readme = (REPO / "README.md").read_text()
+    for section in ("[study]", "[data]", "[search]", "[training]", "[sampler]", "[pruner]", "[budget]", "[storage]"):
+        assert section in readme, section

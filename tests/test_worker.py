@@ -1,0 +1,43 @@
+"""Two worker processes on one SQLite file share one search and finish one budget together."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import hpsearch_cmd, write_study
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_workers_finish_one_budget_on_one_sqlite_file(tmp_path: Path, mnist_dir: Path) -> None:
+    budget = 8
+    study_file = write_study(tmp_path / "pair.toml", name="pair", n_trials=budget, max_epochs=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
+    env.update(HPSEARCH_DATA_DIR=str(mnist_dir), PYTHONUNBUFFERED="1")
+    cmd = hpsearch_cmd("worker", "--study", str(study_file), "--threads", "1", "--device", "cpu")
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert "Traceback" not in err and "error" not in err.lower(), err
+        assert "study budget reached" in out, out
+
+    study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'hpsearch.db'}")
+    trials = study.trials
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    # The budget is met; a race between the two workers' checks may add at most one trial.
+    assert budget <= len(finished) <= budget + 1, [t.state for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    assert len({t.number for t in trials}) == len(trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
+    # Both saw the same split.
+    assert len({t.user_attrs["split_fingerprint"] for t in trials}) == 1
+    # Checkpoints of both workers live in the one artifact store beside the database.
+    assert (tmp_path / "hpsearch-artifacts").is_dir()
