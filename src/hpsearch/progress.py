@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -28,6 +29,11 @@ class Display:
         self.console = console
         self._live = Live(console=console, refresh_per_second=4, transient=True) if live else None
         self._study_best: float | None = None
+        self._started = time.monotonic()
+
+    def _elapsed(self) -> str:
+        m, s = divmod(int(time.monotonic() - self._started), 60)
+        return f"{m}m{s:02d}s"
 
     @staticmethod
     def for_terminal() -> "Display":
@@ -70,7 +76,7 @@ class Display:
         acc_txt = f"  val acc {acc:.2%}" if acc is not None else ""
         why = attrs.get("stop_reason", "")
         self.console.print(
-            f"trial {trial.number:>4} {state}: val loss {value}{acc_txt}  "
+            f"[dim]{self._elapsed():>7}[/dim] trial {trial.number:>4} {state}: val loss {value}{acc_txt}  "
             f"epochs {attrs.get('epochs', '-')}  best {_fmt(self._study_best)}  "
             f"[{budget.finished}/{budget.budget} finished]  [dim]{why}[/dim]"
         )
