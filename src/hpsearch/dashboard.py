@@ -18,17 +18,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import optuna
 import optuna_dashboard
 
 from hpsearch.config import BatchChoice, Choice, FloatRange, IntRange, OptimizerChoice, StudyConfig
-from hpsearch.data import SearchData
 from hpsearch.errors import HpsearchError, StorageError
 from hpsearch.storage import artifact_store, artifacts_dir, open_storage, redact, study_names
 from hpsearch.study import ATTR, OBJECTIVE_NAME
+
+if TYPE_CHECKING:
+    from hpsearch.data import SearchData  # torch: the server itself has no use for it
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
