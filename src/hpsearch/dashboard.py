@@ -155,7 +155,7 @@ def resolve_host(host: str, port: int) -> tuple[int, str, bool]:
 
 
 def bind(host: str, port: int) -> WSGIServer:
-    """Listen on host:port now, so a taken port is reported before anything else starts."""
+    """Listen on host:port now, before the app exists, so a taken port is reported first."""
     family, address, _ = resolve_host(host, port)
     server_class = _Server6 if family == socket.AF_INET6 else _Server
     try:
@@ -177,8 +177,16 @@ def url_for(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def serve(opts: DashboardOptions, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
-    """Serve optuna-dashboard until interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt)."""
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def serve(opts: DashboardOptions, log: Callable[[str], None] = _stderr) -> None:
+    """Serve optuna-dashboard until interrupted (Ctrl-C, or SIGTERM turned into KeyboardInterrupt).
+
+    Checked first, each with a one-line error: the storage exists and holds a study, the host
+    resolves, the port is free.
+    """
     storage = open_storage(opts.storage_url, must_exist=True)
     names = study_names(storage)
     if not names:
@@ -194,7 +202,8 @@ def serve(opts: DashboardOptions, log: Callable[[str], None] = lambda m: print(m
         )
     server = bind(opts.host, opts.port)
     try:
-        server.set_app(optuna_dashboard.wsgi(storage, artifact_store=artifact_store(opts.storage_url, opts.artifacts)))
+        store = artifact_store(opts.storage_url, opts.artifacts)
+        server.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
         log(
             f"hpsearch: dashboard on {url_for(opts.host, opts.port)} for {len(names)} "
             f"stud{'y' if len(names) == 1 else 'ies'} ({', '.join(names)}) in {redact(opts.storage_url)}, "
