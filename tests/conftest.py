@@ -6,8 +6,10 @@ Tests that need the real MNIST files fail (never skip) when they are missing: CI
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,32 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600
     full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(hpsearch_cmd(*args), cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it), for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class FinishedSearch:
+    """A real search that has run to its budget: its folder, study file and storage URL."""
+
+    folder: Path
+    study_file: Path
+    storage_url: str
+    name: str = "quick"
+
+
+@pytest.fixture(scope="session")
+def finished_search(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> FinishedSearch:
+    """4 trials x 2 epochs of the quick study on real MNIST through `hpsearch worker`, run once."""
+    folder = tmp_path_factory.mktemp("finished-search")
+    study_file = write_study(folder / "quick.toml", "quick", n_trials=4, max_epochs=2)
+    url = f"sqlite:///{folder / 'hpsearch.db'}"
+    r = run_cli("worker", "--study", str(study_file), "--storage", url, "--data-dir", str(mnist_dir),
+                "--device", "cpu", cwd=folder)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return FinishedSearch(folder, study_file, url)

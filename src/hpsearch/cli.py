@@ -1,12 +1,14 @@
-"""`hpsearch worker | status`: known errors become one line and exit code 2.
+"""`hpsearch worker | status | dashboard`: known errors become one line and exit code 2.
 
     hpsearch worker --study cnn        # search (or join a search) on ./hpsearch.db
     hpsearch status --study cnn        # trials by state, best value and parameters
+    hpsearch dashboard                 # optuna-dashboard on http://127.0.0.1:8080
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 import warnings
@@ -43,6 +45,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, but got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, but got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, but got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, but got {value}")
     return value
 
 
@@ -91,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", parents=[common, study], help="trials by state, best value and parameters")
     s.add_argument("--top", type=_positive_int, default=5, metavar="K", help="list the K best trials")
+
+    d = sub.add_parser(
+        "dashboard", parents=[common], help="serve optuna-dashboard on the study storage",
+        description="Serve optuna-dashboard on the same storage and artifact store as the workers. "
+        "It has no authentication and can delete studies: it listens on 127.0.0.1 unless --host "
+        "says otherwise (reach it from elsewhere with an SSH tunnel).",
+    )
+    d.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    d.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    d.add_argument("--artifacts", metavar="DIR",
+                   help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
+                   "beside the SQLite file)")
     return parser
 
 
@@ -124,11 +149,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from hpsearch.dashboard import DashboardOptions, serve
+    from hpsearch.storage import resolve_url
+
+    # `docker stop` and friends send SIGTERM: stop serving as Ctrl-C does (a PID 1 would ignore it).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    serve(DashboardOptions(resolve_url(args.storage), args.artifacts, args.host, args.port))
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="optuna")
     try:
-        return {"worker": _cmd_worker, "status": _cmd_status}[args.command](args)
+        return {"worker": _cmd_worker, "status": _cmd_status, "dashboard": _cmd_dashboard}[args.command](args)
     except HpsearchError as e:
         if args.debug:
             traceback.print_exc()

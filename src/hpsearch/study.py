@@ -6,6 +6,7 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -53,11 +54,18 @@ def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: StudyConfig, storage: RDBStorage, worker_index: int = 0) -> optuna.Study:
+def open_study(
+    cfg: StudyConfig,
+    storage: RDBStorage,
+    worker_index: int = 0,
+    *,
+    on_create: Callable[[optuna.Study], None] | None = None,
+) -> optuna.Study:
     """Create the study if missing (safe when several workers start at once), else join it.
 
     A study made from a different search (data, space or training changed) is refused: its
-    trials would not be comparable. The budget may change freely.
+    trials would not be comparable. The budget may change freely. `on_create` runs once the new
+    study is recorded (the worker writes the dashboard note there).
     """
     study = optuna.create_study(
         study_name=cfg.study.name,
@@ -82,6 +90,8 @@ def open_study(cfg: StudyConfig, storage: RDBStorage, worker_index: int = 0) -> 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE_NAME])
+        if on_create is not None:
+            on_create(study)
     elif meta.get("fingerprint") != cfg.fingerprint():
         raise StorageError(
             f"study {cfg.study.name!r} in this storage was made from a different study file "

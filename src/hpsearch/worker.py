@@ -16,6 +16,7 @@ import optuna
 import torch
 
 from hpsearch.config import StudyConfig
+from hpsearch.dashboard import save_study_note
 from hpsearch.data import load_search_data
 from hpsearch.errors import HpsearchError
 from hpsearch.objective import Objective, TrialFailed
@@ -85,7 +86,7 @@ def run_worker(opts: WorkerOptions, display: Display | None = None) -> WorkerSum
     )
 
     storage = open_storage(opts.storage_url, cfg.storage)
-    study = open_study(cfg, storage, opts.worker_index)
+    study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
     check_split(study, data.fingerprint)
     store = artifact_store(opts.storage_url, opts.artifacts)
     display.note(f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials")
