@@ -81,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for PyTorch image classifiers on Optuna.",
         parents=[common],
     )
-    parser.set_defaults(debug=False, storage=None)
     parser.add_argument("--version", action="version", version=f"hpsearch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -165,6 +164,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Not parser.set_defaults: the shared actions are the same objects in every subparser, so
+    # that would reset a `--debug` given before the command. Fill the suppressed defaults here.
+    args.debug = getattr(args, "debug", False)
+    args.storage = getattr(args, "storage", None)
     warnings.filterwarnings("ignore", module="optuna")
     try:
         return {"worker": _cmd_worker, "status": _cmd_status, "dashboard": _cmd_dashboard}[args.command](args)
