@@ -162,14 +162,15 @@ class EpochCheckpoints:
 
     def __init__(
         self, store: ArtifactStore, trial: optuna.trial.Trial, hparams: HParams, seed: int,
-        previous: str | None = None,
+        previous: ResumePoint | None = None,
     ) -> None:
         self.store = store
         self.trial = trial
         self.hparams = hparams
         self.seed = seed
         # The checkpoint this trial resumed from (a predecessor's): replaced by our first one.
-        self.current = previous
+        self.current = previous.artifact_id if previous else None
+        self.epoch = previous.state.epoch if previous else 0  # the epoch `current` was saved after
 
     def save(self, state: TrainState) -> None:
         artifact_id = f"resume-trial{self.trial.number}-epoch{state.epoch}-{uuid.uuid4().hex[:12]}.pt"
@@ -180,7 +181,7 @@ class EpochCheckpoints:
         self.trial.set_user_attr(
             EPOCH_CHECKPOINT, {"artifact_id": artifact_id, "epoch": state.epoch, "trial": self.trial.number}
         )
-        old, self.current = self.current, artifact_id
+        old, self.current, self.epoch = self.current, artifact_id, state.epoch
         if old is not None:
             remove_artifact(self.store, old)
 
