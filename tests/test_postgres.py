@@ -228,7 +228,8 @@ def test_three_workers_started_at_once_share_one_study(tmp_path, pg_url, workers
 
 
 def test_kill_9_mid_trial_loses_nothing(tmp_path, pg_url, workers):
-    name, budget, epochs = "kill-9", 4, 3
+    # Five epochs: a trial seen past its first epoch is still training when the kill lands.
+    name, budget, epochs = "kill-9", 4, 5
     study = write_study(tmp_path / "s.toml", name, n_trials=budget, max_epochs=epochs)
     w = workers(study)
     for i in range(3):
@@ -273,7 +274,7 @@ def test_postgres_restart_mid_search_is_waited_out(tmp_path, pg_url, workers):
     pg_version = sorted(os.listdir("/etc/postgresql"))[-1] if os.path.isdir("/etc/postgresql") else None
     if pg_version is None or os.geteuid() != 0:
         pytest.fail("restarting PostgreSQL needs root and pg_ctlcluster (Debian's postgresql-common)")
-    name, budget = "restart", 4
+    name, budget = "restart", 6
     # A grace period longer than the restart: trials keep their owner through the outage.
     study = write_study(tmp_path / "s.toml", name, n_trials=budget, max_epochs=3,
                         heartbeat_interval=1, grace_period=20)
@@ -295,7 +296,7 @@ def test_postgres_restart_mid_search_is_waited_out(tmp_path, pg_url, workers):
 
 def test_sigterm_stops_within_30_s_and_requeues(tmp_path, pg_url, workers):
     name = "sigterm"
-    study = write_study(tmp_path / "s.toml", name, n_trials=3, max_epochs=3)
+    study = write_study(tmp_path / "s.toml", name, n_trials=3, max_epochs=6)
     w = workers(study)
     proc = w.start()
     victim = wait_for(lambda: running_with_checkpoint(pg_url, name), "a trial past its first epoch", 120, w)
@@ -321,15 +322,21 @@ def test_sigterm_stops_within_30_s_and_requeues(tmp_path, pg_url, workers):
     assert "re-queued" in w.output()
 
 
-def test_finish_trial_on_signal_and_second_signal_exits_at_once(tmp_path, pg_url, workers):
+def test_second_signal_exits_at_once_and_the_next_worker_recovers(tmp_path, pg_url, workers):
     name = "finish"
-    study = write_study(tmp_path / "s.toml", name, n_trials=2, max_epochs=3)
+    study = write_study(tmp_path / "s.toml", name, n_trials=2, max_epochs=8)
     w = workers(study)
     proc = w.start("--finish-trial-on-signal")
-    wait_for(lambda: running_with_checkpoint(pg_url, name), "a trial past its first epoch", 120, w)
+    victim = wait_for(lambda: running_with_checkpoint(pg_url, name), "a trial past its first epoch", 120, w)
+    seen = len(victim.intermediate_values)
     proc.send_signal(signal.SIGINT)
-    time.sleep(1.5)
-    assert proc.poll() is None, w.output()  # still finishing its trial
+
+    def trained_on():
+        t = next(t for t in trials(pg_url, name) if t.number == victim.number)
+        return t.state == TrialState.RUNNING and len(t.intermediate_values) > seen + 1
+
+    wait_for(trained_on, "the trial to keep training after the first Ctrl-C", 60, w, poll=0.05)
+    assert proc.poll() is None, w.output()
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(5)
@@ -337,6 +344,21 @@ def test_finish_trial_on_signal_and_second_signal_exits_at_once(tmp_path, pg_url
         pytest.fail(f"a second Ctrl-C did not exit at once:\n{w.output()}")
     assert proc.returncode == 130
     assert "second SIGINT: exiting now" in w.output()
+    # Left RUNNING, without its worker: the next worker's sweep fails and re-queues it.
+    left = next(t for t in trials(pg_url, name) if t.number == victim.number)
+    assert left.state == TrialState.RUNNING
+    # And a trial whose worker died before its first heartbeat (Optuna never calls that stale).
+    orphan = optuna.load_study(study_name=name, storage=pg_url).ask()
+
+    assert w.start().wait(120) == 0, w.output()
+    ts = {t.number: t for t in trials(pg_url, name)}
+    assert ts[victim.number].state == ts[orphan.number].state == TrialState.FAIL
+    copies = {t.system_attrs["retry_history"][-1]: t for t in ts.values() if "retry_history" in t.system_attrs}
+    assert set(copies) == {victim.number, orphan.number}
+    assert all(t.state == TrialState.COMPLETE for t in copies.values())
+    assert copies[victim.number].user_attrs["resumed_from_trial"] == victim.number
+    assert "resumed_from_trial" not in copies[orphan.number].user_attrs
+    assert len(budget_counted(ts.values())) == 2 and not [t for t in ts.values() if not t.state.is_finished()]
 
 
 def test_wrong_url_is_one_line_without_the_password(tmp_path, mnist_dir):

@@ -13,6 +13,7 @@ start (a wrong URL, a server that is not there) is a one-line `StorageError` at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -21,6 +22,7 @@ import sqlite3
 import threading
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import optuna
@@ -132,7 +134,7 @@ def open_storage(
             heartbeat_stale_trial_callback=retry,
         )
     try:
-        with warnings.catch_warnings():
+        with _schema_lock(parsed, engine_kwargs), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
             storage = ReconnectingRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
@@ -143,6 +145,34 @@ def open_storage(
     # Only now: a storage that cannot be opened at all is the user's to fix, not to wait for.
     storage.start_reconnecting(url, cfg.reconnect_timeout if cfg is not None else 0.0)
     return storage
+
+
+# Any fixed 64-bit number, the same in every hpsearch process: the advisory lock's name.
+_SCHEMA_LOCK_KEY = zlib.crc32(b"hpsearch: optuna schema")
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict):
+    """Hold a PostgreSQL advisory lock while Optuna creates or checks its tables.
+
+    Workers started together on an empty database would otherwise race to create the same tables
+    and all but one would fail ("relation alembic_version already exists"). The lock belongs to
+    the session: a process that dies holding it releases it. SQLite serialises on the file.
+    """
+    if parsed.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
 
 
 def _reason(e: BaseException, url: str) -> str:
