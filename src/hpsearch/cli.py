@@ -1,13 +1,15 @@
 """`hpsearch worker | status | dashboard`: known errors become one line and exit code 2.
 
-    hpsearch worker --study cnn        # search (or join a search) on ./hpsearch.db
-    hpsearch status --study cnn        # trials by state, best value and parameters
-    hpsearch dashboard                 # optuna-dashboard on http://127.0.0.1:8080
+    hpsearch worker --study cnn                 # search (or join a search) on ./hpsearch.db
+    hpsearch worker --study cnn --processes 4   # four workers on this node, spread over its GPUs
+    hpsearch status --study cnn                 # trials by state, best value and parameters
+    hpsearch dashboard                          # optuna-dashboard on http://127.0.0.1:8080
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import traceback
@@ -58,6 +60,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, but got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, but got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Shared options may come before or after the command; SUPPRESS keeps a subcommand's default
     # from overwriting a value given before it (`hpsearch --debug worker ...`).
@@ -98,7 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--artifacts", metavar="DIR",
                    help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
                    "beside the SQLite file)")
-    w.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for PyTorch")
+    w.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for PyTorch, per worker process (default: all cores, divided "
+                   "between the processes with --processes)")
+    w.add_argument("--processes", type=_positive_int, default=1, metavar="K",
+                   help="start K worker processes on this node, round-robin over the visible GPUs "
+                   "(several per GPU when K exceeds them); on a CPU-only node they share the cores")
+    w.add_argument("--worker-index", type=_non_negative_int, default=0, metavar="I",
+                   help="this worker's index on its node (set by --processes): seeds its sampler "
+                   "apart from the node's other workers")
+    w.add_argument("--finish-trial-on-signal", action="store_true",
+                   help="on SIGTERM/Ctrl-C finish the running trial before exiting (default: stop it "
+                   "within one batch, fail it and re-queue it to resume from its last epoch); "
+                   "a second signal exits at once either way")
+    w.add_argument("--log-prefix", default="", help=argparse.SUPPRESS)  # set by --processes
 
     s = sub.add_parser("status", parents=[common, study], help="trials by state, best value and parameters")
     s.add_argument("--top", type=_positive_int, default=5, metavar="K", help="list the K best trials")
@@ -118,27 +143,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr(prefix: str) -> None:
+    """hpsearch's own log lines (database retries, recovered trials) go to stderr, one line each."""
+    log = logging.getLogger("hpsearch")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{prefix}hpsearch: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from hpsearch.config import load_config
-    from hpsearch.progress import Display
     from hpsearch.storage import resolve_url
-    from hpsearch.worker import WorkerOptions, quiet_optuna, run_worker
+    from hpsearch.worker import WorkerOptions, quiet_optuna
 
     cfg = load_config(args.study)  # every problem in the file, before the storage is touched
     quiet_optuna()
-    display = Display.for_terminal()
+    _log_to_stderr(args.log_prefix)
+    opts = WorkerOptions(
+        cfg=cfg, storage_url=resolve_url(args.storage), artifacts=args.artifacts,
+        data_dir=args.data_dir, device=args.device, n_trials=args.n_trials,
+        timeout=args.timeout, threads=args.threads, worker_index=args.worker_index,
+        finish_trial_on_signal=args.finish_trial_on_signal,
+    )
+    if args.processes > 1:
+        from hpsearch.node import run_node
+
+        return run_node(opts, args.processes, study_arg=args.study, debug=args.debug)
+
+    from hpsearch.progress import Display
+    from hpsearch.worker import run_worker
+
+    display = Display.for_terminal(args.log_prefix)
     try:
-        run_worker(
-            WorkerOptions(
-                cfg=cfg, storage_url=resolve_url(args.storage), artifacts=args.artifacts,
-                data_dir=args.data_dir, device=args.device, n_trials=args.n_trials,
-                timeout=args.timeout, threads=args.threads,
-            ),
-            display,
-        )
+        summary = run_worker(opts, display)
     finally:
         display.close()
-    return 0
+    # Ctrl-C keeps the shell's convention (130); a SIGTERM (docker stop, the scheduler) asked for a
+    # clean stop, and got one: 0.
+    return EXIT_INTERRUPTED if summary.signal == signal.SIGINT.name else 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -209,6 +209,7 @@ class StorageConfig(_Frozen):
     heartbeat_interval: int = Field(default=10, gt=0)
     grace_period: int = Field(default=60, gt=0)
     max_retry: int = Field(default=3, ge=0)
+    reconnect_timeout: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _grace(self) -> "StorageConfig":

@@ -1,7 +1,9 @@
-"""The Optuna objective: suggest, build, train, report, prune, checkpoint.
+"""The Optuna objective: suggest, build, train, report, prune, checkpoint, resume.
 
 The search space is read in one place (`suggest_hparams`); everything else is the shared training
-loop (`train.fit`) with a per-epoch hook that reports the validation loss to Optuna and prunes.
+loop (`train.fit`) with a per-epoch hook that reports the validation loss to Optuna and prunes,
+and a per-epoch checkpoint hook. A re-queued trial (a copy of one whose worker died or was
+stopped) continues from the latest epoch checkpoint of the trial it re-runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore
 
-from hpsearch.checkpoint import Checkpoint, save_best
+from hpsearch.checkpoint import (
+    EPOCH_CHECKPOINT,
+    Checkpoint,
+    EpochCheckpoints,
+    ResumePoint,
+    load_resume_point,
+    save_best,
+)
 from hpsearch.config import (
     BatchChoice,
     FloatRange,
@@ -28,11 +37,18 @@ from hpsearch.config import (
 )
 from hpsearch.data import SearchData, crop_size
 from hpsearch.model import CNN, ModelSpec
-from hpsearch.train import Diverged, EpochResult, HParams, Precision, fit
+from hpsearch.provenance import code_version, library_versions
+from hpsearch.recovery import retry_source
+from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
 
 
 class TrialFailed(Exception):
     """A trial that cannot run (out of memory): failed with its reason, and the worker goes on."""
+
+
+class TakenOver(Exception):
+    """Another worker failed this trial while it was still training here (its heartbeat was late,
+    say after a long database outage) and queued a copy. This worker drops it and goes on."""
 
 
 def suggest(trial: optuna.Trial, name: str, knob: Any) -> Any:
@@ -89,27 +105,84 @@ class Objective:
         device: torch.device,
         store: FileSystemArtifactStore,
         on_progress: Callable[[Progress], None] = lambda p: None,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        note: Callable[[str], None] = lambda m: None,
+        worker_index: int = 0,
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.device = device
         self.store = store
         self.on_progress = on_progress
+        self.should_stop = should_stop
+        self.note = note
+        self.worker_index = worker_index
         self.crop = crop_size(data.image_shape, cfg.training.crop_margin)
         self.precision = Precision.choose(device, cfg.training.channels_last, cfg.training.bf16)
+        self.taken_over: int | None = None  # number of the last trial lost to another worker
+        self.interrupted: int | None = None  # number of the last trial stopped by a signal
+
+    def _resume_point(self, trial: optuna.Trial, hp: HParams) -> ResumePoint | None:
+        """The checkpoint a re-queued trial continues from, if its predecessor left one."""
+        # Optuna has no public accessor for a live trial's system attrs; the storage call is the
+        # same one `upload_artifact` makes with the trial id.
+        source = retry_source(trial.storage.get_trial_system_attrs(trial._trial_id))
+        pointer = trial.user_attrs.get(EPOCH_CHECKPOINT) if source is not None else None
+        if not pointer:
+            return None
+        try:
+            point = load_resume_point(self.store, pointer["artifact_id"])
+        except Exception as e:  # gone, unreadable, another format: train from the start
+            why = f"checkpoint {pointer['artifact_id']} of trial {pointer.get('trial')} unusable ({e})"
+            self.note(f"trial {trial.number}: {why}; starting from epoch 1")
+            trial.set_user_attr("resume_skipped", why)
+            return None
+        if point.hparams != hp:
+            why = f"checkpoint of trial {pointer.get('trial')} has other hyperparameters"
+            self.note(f"trial {trial.number}: {why}; starting from epoch 1")
+            trial.set_user_attr("resume_skipped", why)
+            return None
+        return point
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except Interrupted:
+            self.interrupted = trial.number
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.taken_over = trial.number
+            raise TakenOver(f"trial {trial.number} was failed by another worker while running here") from None
+
+    def _run(self, trial: optuna.Trial) -> float:
         cfg, data, t = self.cfg, self.data, self.cfg.training
         hp = suggest_hparams(trial, cfg.search)
-        seed = trial_seed(cfg.sampler.seed, trial.number)
+        resume = self._resume_point(trial, hp)
+        if resume is not None:
+            seed = resume.seed
+        elif "seed" in trial.user_attrs:  # a re-queued trial with no checkpoint: the same run again
+            seed = int(trial.user_attrs["seed"])
+        else:
+            seed = trial_seed(cfg.sampler.seed, trial.number)
         attrs: dict[str, Any] = {
             "hparams": hp.to_dict(),
             "seed": seed,
             "device": str(self.device),
             "host": socket.gethostname(),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "worker_index": self.worker_index,
+            "threads": torch.get_num_threads(),
             "split_fingerprint": data.fingerprint,
+            "code_version": code_version(),
+            "versions": library_versions(),
+            EPOCH_CHECKPOINT: None if resume is None else trial.user_attrs.get(EPOCH_CHECKPOINT),
         }
+        if resume is not None:
+            attrs["resumed_from_trial"] = trial.user_attrs[EPOCH_CHECKPOINT]["trial"]
+            attrs["resumed_from_epoch"] = resume.state.epoch
+            self.note(f"trial {trial.number}: resuming trial {attrs['resumed_from_trial']} "
+                      f"after epoch {resume.state.epoch}")
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
 
@@ -121,10 +194,18 @@ class Objective:
             conv2_channels=hp.conv2_channels,
             dropout=hp.dropout,
         )
-        torch.manual_seed(seed)  # the initial weights
+        torch.manual_seed(seed)  # the initial weights (replaced by the checkpoint's on resume)
         model = CNN(spec).to(self.device)
         if self.precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        checkpoints = EpochCheckpoints(self.store, trial, hp, seed, previous=resume)
+        first_epoch = resume.state.epoch + 1 if resume else 1
+
+        def finished(epochs: int, trained: int, samples_per_s: float, stop_reason: str) -> None:
+            trial.set_user_attr("epochs", epochs)
+            trial.set_user_attr("epochs_trained", trained)  # here, not counting a resumed part
+            trial.set_user_attr("samples_per_s", round(samples_per_s, 1))
+            trial.set_user_attr("stop_reason", stop_reason)
 
         def report(r: EpochResult) -> None:
             trial.report(r.val.loss, r.epoch)
@@ -135,9 +216,7 @@ class Objective:
             if trial.should_prune():
                 trial.set_user_attr("val_accuracy", r.best_val_accuracy)
                 trial.set_user_attr("best_epoch", r.best_epoch)
-                trial.set_user_attr("epochs", r.epoch)
-                trial.set_user_attr("samples_per_s", round(r.train.samples_per_s, 1))
-                trial.set_user_attr("stop_reason", f"pruned after epoch {r.epoch}")
+                finished(r.epoch, r.epoch - first_epoch + 1, r.train.samples_per_s, f"pruned after epoch {r.epoch}")
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch}")
 
         try:
@@ -146,29 +225,39 @@ class Objective:
                 max_epochs=t.max_epochs, patience=t.patience,
                 plateau_factor=t.plateau_factor, plateau_patience=t.plateau_patience,
                 eval_batch_size=t.eval_batch_size, precision=self.precision, seed=seed,
-                on_epoch=report,
+                on_epoch=report, start=resume.state if resume else None,
+                on_checkpoint=checkpoints.save, should_stop=self.should_stop,
             )
+        except Interrupted as e:
+            # The checkpoint stays: the worker re-queues the trial and the copy resumes from it.
+            after = f"after epoch {checkpoints.epoch}" if checkpoints.epoch else "before its first epoch ended"
+            trial.set_user_attr("stop_reason", f"stopped by a signal {after} ({e})")
+            raise
+        except optuna.TrialPruned:
+            checkpoints.discard()
+            raise
         except Diverged as e:
             # A diverging learning rate is a real (bad) result for the sampler to learn from, so the
             # trial is pruned, not failed: TPE ranks pruned trials below every completed one.
+            checkpoints.discard()
             trial.set_user_attr("stop_reason", f"diverged: {e}")
             raise optuna.TrialPruned(f"diverged: {e}") from None
         except torch.OutOfMemoryError as e:
             del model
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            checkpoints.discard()
             reason = f"out of memory on {self.device} (batch_size={hp.batch_size}): {str(e).splitlines()[0]}"
             trial.set_user_attr("stop_reason", reason)
             raise TrialFailed(reason) from None
 
         trial.set_user_attr("val_accuracy", result.best_val_accuracy)
         trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("epochs", result.epochs)
-        trial.set_user_attr("samples_per_s", round(result.samples_per_s, 1))
-        trial.set_user_attr("stop_reason", result.stop_reason)
+        finished(result.epochs, result.epochs_trained, result.samples_per_s, result.stop_reason)
         save_best(
             Checkpoint(spec, hp, result.best_state, data.normalizer, self.crop, self.precision,
                        result.best_epoch, result.best_val_loss, result.best_val_accuracy),
             trial, self.store,
         )
+        checkpoints.discard()
         return result.best_val_loss

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from hpsearch.objective import Progress
@@ -25,10 +26,12 @@ def _fmt(x: float | None) -> str:
 
 
 class Display:
-    def __init__(self, console: Console, live: bool) -> None:
+    def __init__(self, console: Console, live: bool, prefix: str = "") -> None:
         self.console = console
         self._live = Live(console=console, refresh_per_second=4, transient=True) if live else None
         self._study_best: float | None = None
+        # "[w2] " for one of several worker processes sharing a terminal (`--processes`).
+        self.prefix = prefix
         self._started = time.monotonic()
 
     def _elapsed(self) -> str:
@@ -36,12 +39,13 @@ class Display:
         return f"{m}m{s:02d}s"
 
     @staticmethod
-    def for_terminal() -> "Display":
+    def for_terminal(prefix: str = "") -> "Display":
         console = Console(stderr=False, highlight=False, soft_wrap=True)
-        return Display(console, live=sys.stdout.isatty())
+        # Several processes cannot share one redrawing status line: they print plain lines.
+        return Display(console, live=sys.stdout.isatty() and not prefix, prefix=prefix)
 
     def note(self, message: str) -> None:
-        self.console.print(f"[dim]hpsearch:[/dim] {message}")
+        self.console.print(f"{escape(self.prefix)}[dim]hpsearch:[/dim] {escape(message)}")
 
     def progress(self, p: Progress) -> None:
         best = self._study_best
@@ -54,7 +58,7 @@ class Display:
             f"val acc {p.val_accuracy:6.2%}  best {best_txt}  {p.samples_per_s:,.0f} samples/s"
         )
         if self._live is None:
-            self.console.print(line)
+            self.console.print(self.prefix + line, markup=False)
             return
         if not self._live.is_started:
             self._live.start()
@@ -76,9 +80,10 @@ class Display:
         acc_txt = f"  val acc {acc:.2%}" if acc is not None else ""
         why = attrs.get("stop_reason", "")
         self.console.print(
-            f"[dim]{self._elapsed():>7}[/dim] trial {trial.number:>4} {state}: val loss {value}{acc_txt}  "
+            f"{escape(self.prefix)}[dim]{self._elapsed():>7}[/dim] trial {trial.number:>4} {state}: "
+            f"val loss {value}{acc_txt}  "
             f"epochs {attrs.get('epochs', '-')}  best {_fmt(self._study_best)}  "
-            f"[{budget.finished}/{budget.budget} finished]  [dim]{why}[/dim]"
+            f"[{budget.finished}/{budget.budget} finished]  [dim]{escape(why)}[/dim]"
         )
 
     def close(self) -> None:

@@ -4,13 +4,25 @@
 Checkpoints go to a file-system artifact store: beside the SQLite file, or `--artifacts DIR`
 (`HPSEARCH_ARTIFACTS`), which must be a folder every worker can reach when they share PostgreSQL.
 Passwords never leave this module unredacted.
+
+Database trouble during a search (PostgreSQL restarted, a connection dropped, a SQLite lock held
+too long) is waited out: every storage call retries with back-off for up to
+`[storage] reconnect_timeout` seconds and logs that it does (`ReconnectingRDBStorage`). Trouble at
+start (a wrong URL, a server that is not there) is a one-line `StorageError` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import logging
 import os
 import sqlite3
+import threading
+import time
 import warnings
+import zlib
 from pathlib import Path
 
 import optuna
@@ -25,6 +37,8 @@ from hpsearch.errors import StorageError
 DEFAULT_URL = "sqlite:///hpsearch.db"
 ENV_STORAGE = "HPSEARCH_STORAGE"
 ENV_ARTIFACTS = "HPSEARCH_ARTIFACTS"
+
+log = logging.getLogger("hpsearch.storage")
 
 
 def resolve_url(cli_value: str | None) -> str:
@@ -120,10 +134,181 @@ def open_storage(
             heartbeat_stale_trial_callback=retry,
         )
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        with _schema_lock(parsed, engine_kwargs), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
+            storage = ReconnectingRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
-        reason = str(getattr(e, "orig", e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"cannot open storage {redact(url)}: {redact_text(reason, url)}") from None
+        raise StorageError(
+            f"cannot open storage {redact(url)}: {_reason(e, url)} "
+            f"(check --storage / ${ENV_STORAGE} and that the database server is up)"
+        ) from None
+    # Only now: a storage that cannot be opened at all is the user's to fix, not to wait for.
+    storage.start_reconnecting(url, cfg.reconnect_timeout if cfg is not None else 0.0)
+    return storage
+
+
+# Any fixed 64-bit number, the same in every hpsearch process: the advisory lock's name.
+_SCHEMA_LOCK_KEY = zlib.crc32(b"hpsearch: optuna schema")
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict):
+    """Hold a PostgreSQL advisory lock while Optuna creates or checks its tables.
+
+    Workers started together on an empty database would otherwise race to create the same tables
+    and all but one would fail ("relation alembic_version already exists"). The lock belongs to
+    the session: a process that dies holding it releases it. SQLite serialises on the file.
+    """
+    if parsed.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                con.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _reason(e: BaseException, url: str) -> str:
+    """The first line of the driver's message (not SQLAlchemy's wrapping), password removed."""
+    inner = e
+    while inner.__cause__ is not None and not isinstance(inner, (sqlalchemy.exc.DBAPIError, sqlite3.Error)):
+        inner = inner.__cause__
+    inner = getattr(inner, "orig", None) or inner
+    text = str(inner).strip()
+    line = text.splitlines()[0] if text else type(inner).__name__
+    return redact_text(line, url)
+
+
+def _connection_trouble(e: BaseException) -> bool:
+    """True for errors that mean "the database is not there right now", wherever in the chain.
+
+    Optuna wraps errors raised inside a session in `StorageInternalError`, so the cause is looked
+    up. Integrity errors, bad SQL and the like are not retried: waiting would not fix them.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                            sqlalchemy.exc.DisconnectionError, sqlite3.OperationalError)):
+            return True
+        if isinstance(cur, sqlalchemy.exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        if _psycopg2 is not None and isinstance(cur, (_psycopg2.OperationalError, _psycopg2.InterfaceError)):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+try:  # the PostgreSQL driver; a SQLite-only install may lack it
+    import psycopg2 as _psycopg2
+except ImportError:  # pragma: no cover
+    _psycopg2 = None
+
+
+FIRST_DELAY_S = 0.5
+MAX_DELAY_S = 15.0
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """`RDBStorage` whose calls wait out a database that went away, with back-off and a log line.
+
+    Every storage call Optuna makes (ask, tell, report, attributes, the stale-trial sweep) goes
+    through here, so one wrapper covers the worker loop and the objective alike. Retrying is safe
+    because a call that failed on a broken connection was rolled back by the server; the one
+    ambiguous case is a connection lost while COMMIT itself was in flight, where the retry can
+    repeat a write that did land (a trial created twice, for instance) - rare, and the README
+    says so. The heartbeat is not retried: a missed beat is simply written at the next interval.
+    """
+
+    _url: str = ""
+    _reconnect_timeout: float = 0.0  # 0: not yet (during __init__), errors go straight up
+    _local = threading.local()
+
+    def start_reconnecting(self, url: str, timeout: float) -> None:
+        self._url = url
+        self._reconnect_timeout = timeout
+
+    def _call_with_retry(self, name: str, method, *args, **kwargs):
+        # Nested calls (one storage method using another) retry once, at the outermost level.
+        if self._reconnect_timeout <= 0 or getattr(self._local, "depth", 0) > 0:
+            return method(self, *args, **kwargs)
+        start = time.monotonic()
+        delay = FIRST_DELAY_S
+        attempts = 0
+        while True:
+            self._local.depth = 1
+            try:
+                result = method(self, *args, **kwargs)
+            except Exception as e:
+                if not _connection_trouble(e):
+                    raise
+                attempts += 1
+                waited = time.monotonic() - start
+                reason = _reason(e, self._url)
+                if waited + delay > self._reconnect_timeout:
+                    raise StorageError(
+                        f"storage {redact(self._url)} unreachable for {waited:.0f} s ({reason}); "
+                        f"gave up after [storage] reconnect_timeout = {self._reconnect_timeout:g} s. "
+                        f"Check the database, then start the worker again: its trial resumes"
+                    ) from None
+                log.warning(
+                    "storage %s unreachable (%s); retrying %s in %.1f s (attempt %d, %.1f s so far)",
+                    redact(self._url), reason, name, delay, attempts, waited,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY_S)
+                continue
+            finally:
+                self._local.depth = 0
+            if attempts:
+                log.warning(
+                    "storage %s is back after %.1f s (%d retries of %s)",
+                    redact(self._url), time.monotonic() - start, attempts, name,
+                )
+            return result
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        # The heartbeat thread: a beat lost to an outage is written again one interval later. It
+        # must not die (Optuna's thread would), or the trial would look dead once the grace
+        # period passes although it is training.
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as e:
+            if not _connection_trouble(e):
+                raise
+            log.warning("heartbeat of trial id %d not written (%s); next try in %s s",
+                        trial_id, _reason(e, self._url), self.heartbeat_interval)
+
+
+def _retrying(name: str, method):
+    @functools.wraps(method)
+    def wrapper(self: ReconnectingRDBStorage, *args, **kwargs):
+        return self._call_with_retry(name, method, *args, **kwargs)
+
+    return wrapper
+
+
+_NOT_RETRIED = {
+    "record_heartbeat", "remove_session", "upgrade", "get_current_version", "get_head_version",
+    "get_all_versions", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback",
+    "_build_frozen_trial_from_trial_model",
+}
+# Every RDBStorage method that opens its own session (Optuna's cache calls some private ones,
+# such as `_get_trials`). Helpers handed an open `session` belong to their caller's retry.
+for _name, _fn in list(vars(RDBStorage).items()):
+    if (
+        inspect.isfunction(_fn) and not _name.startswith("__") and _name not in _NOT_RETRIED
+        and "session" not in inspect.signature(_fn).parameters
+    ):
+        setattr(ReconnectingRDBStorage, _name, _retrying(_name, _fn))
 
 
 def redact_text(text: str, url: str) -> str:

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,10 @@ def train_epoch(
     crop: tuple[int, int],
     generator: torch.Generator,
     precision: Precision,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochStats:
+    """One pass over `data` in a random order. `should_stop` is asked before every batch, so a
+    worker told to stop leaves within one batch (not one epoch), raising `Interrupted`."""
     model.train()
     device = data.labels.device
     start = time.perf_counter()
@@ -81,6 +84,8 @@ def train_epoch(
     order = torch.randperm(n, device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
     for i in range(0, n, batch_size):
+        if should_stop():
+            raise Interrupted(f"stopped on request during an epoch, after {i} of {n} samples")
         idx = order[i : i + batch_size]
         x = random_crop(data.images[idx], crop, generator)
         x = precision.prepare(normalizer(x))
@@ -165,6 +170,11 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class Interrupted(Exception):
+    """Training stopped on request (a signal) before the run ended. The last epoch's `TrainState`
+    (given to `on_checkpoint`) is where a later run picks up."""
+
+
 @dataclass
 class EpochResult:
     epoch: int
@@ -177,15 +187,57 @@ class EpochResult:
 
 
 @dataclass
+class TrainState:
+    """Everything needed to continue a run after `epoch` as if it had never stopped: the weights,
+    the optimiser's moments, the LR scheduler, every random generator the loop draws from, and the
+    early-stopping bookkeeping. Plain tensors and numbers only, so `torch.load(weights_only=True)`
+    reads it back."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict[str, torch.Tensor | None]  # cpu, generator (shuffles and crops), cuda (dropout on GPU)
+    best_val_loss: float
+    best_val_accuracy: float
+    best_epoch: int
+    since_best: int
+    best_state: dict[str, torch.Tensor]
+    history: list[tuple[int, float, float]]
+    samples: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        # Not `asdict`: it deep-copies every tensor, and these are copies already.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainState":
+        return TrainState(**{**d, "history": [tuple(h) for h in d["history"]]})
+
+
+@dataclass
 class FitResult:
     best_val_loss: float
     best_val_accuracy: float
     best_epoch: int
-    epochs: int
+    epochs: int  # in the whole run, counting epochs trained before a resume
+    epochs_trained: int  # by this call only
     samples_per_s: float  # mean training throughput over the run
     stop_reason: str
     best_state: dict[str, torch.Tensor]  # weights of the best epoch, on the CPU
     history: list[tuple[int, float, float]]  # (epoch, val loss, val accuracy)
+
+
+def _cpu(tree):
+    """A copy of a state dict (nested dicts/lists of tensors) with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
 
 
 def fit(
@@ -204,29 +256,57 @@ def fit(
     precision: Precision,
     seed: int,
     on_epoch: Callable[[EpochResult], None] = lambda r: None,
+    start: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FitResult:
     """Train with ReduceLROnPlateau and early stopping on the validation loss.
 
     `on_epoch` runs after every epoch; the objective reports to Optuna there and may raise
     `optuna.TrialPruned`. Raises `Diverged` on a non-finite loss.
+
+    `on_checkpoint` gets a `TrainState` after every epoch that is not the last one (after
+    `on_epoch`, so a pruned epoch is not saved); `start` continues from such a state instead of
+    from `seed`. `should_stop` is asked before every batch; when it says yes, `Interrupted` is
+    raised and the last state given to `on_checkpoint` is where to resume.
     """
     device = train.labels.device
-    torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device)
     optimizer = build_optimizer(hp, model.parameters())
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=plateau_factor, patience=plateau_patience
     )
-    best_loss, best_acc, best_epoch, since_best = math.inf, 0.0, 0, 0
-    best_state: dict[str, torch.Tensor] = {}
-    history: list[tuple[int, float, float]] = []
-    samples, seconds = 0, 0.0
+    if start is None:
+        torch.manual_seed(seed)
+        generator.manual_seed(seed)
+        best_loss, best_acc, best_epoch, since_best = math.inf, 0.0, 0, 0
+        best_state: dict[str, torch.Tensor] = {}
+        history: list[tuple[int, float, float]] = []
+        samples, seconds = 0, 0.0
+        first = 1
+    else:
+        model.load_state_dict(start.model)
+        optimizer.load_state_dict(start.optimizer)
+        scheduler.load_state_dict(start.scheduler)
+        torch.set_rng_state(start.rng["cpu"])
+        generator.set_state(start.rng["generator"])
+        if device.type == "cuda" and start.rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(start.rng["cuda"], device)
+        best_loss, best_acc = start.best_val_loss, start.best_val_accuracy
+        best_epoch, since_best = start.best_epoch, start.since_best
+        best_state, history = dict(start.best_state), list(start.history)
+        samples, seconds = start.samples, start.seconds
+        first = start.epoch + 1
     stop_reason = f"reached max_epochs={max_epochs}"
-    for epoch in range(1, max_epochs + 1):
-        stats = train_epoch(model, optimizer, train, normalizer, hp.batch_size, crop, generator, precision)
+    trained = 0
+    for epoch in range(first, max_epochs + 1):
+        if should_stop():
+            raise Interrupted(f"stopped on request before epoch {epoch}")
+        stats = train_epoch(model, optimizer, train, normalizer, hp.batch_size, crop, generator, precision,
+                            should_stop)
         if not math.isfinite(stats.loss):
             raise Diverged(f"training loss is {stats.loss} at epoch {epoch} (lr={hp.lr:.3g})")
-        samples, seconds = samples + stats.samples, seconds + stats.seconds
+        samples, seconds, trained = samples + stats.samples, seconds + stats.seconds, trained + 1
         ev = evaluate(model, val, normalizer, eval_batch_size, crop, precision)
         if not math.isfinite(ev.loss):
             raise Diverged(f"validation loss is {ev.loss} at epoch {epoch} (lr={hp.lr:.3g})")
@@ -235,7 +315,7 @@ def fit(
         if ev.loss < best_loss:
             best_loss, best_acc, best_epoch, since_best = ev.loss, ev.accuracy, epoch, 0
             # A copy on the CPU: the weights of the best epoch are what we keep, not the last.
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = _cpu(model.state_dict())
         else:
             since_best += 1
         on_epoch(
@@ -244,11 +324,29 @@ def fit(
         if since_best >= patience:
             stop_reason = f"early stopping: no better validation loss for {patience} epochs"
             break
+        if on_checkpoint is not None and epoch < max_epochs:
+            on_checkpoint(
+                TrainState(
+                    epoch=epoch,
+                    model=_cpu(model.state_dict()),
+                    optimizer=_cpu(optimizer.state_dict()),
+                    scheduler=_cpu(scheduler.state_dict()),
+                    rng={
+                        "cpu": torch.get_rng_state(),
+                        "generator": generator.get_state().cpu(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    },
+                    best_val_loss=best_loss, best_val_accuracy=best_acc, best_epoch=best_epoch,
+                    since_best=since_best, best_state=best_state, history=list(history),
+                    samples=samples, seconds=seconds,
+                )
+            )
     return FitResult(
         best_val_loss=best_loss,
         best_val_accuracy=best_acc,
         best_epoch=best_epoch,
         epochs=len(history),
+        epochs_trained=trained,
         samples_per_s=samples / seconds if seconds > 0 else 0.0,
         stop_reason=stop_reason,
         best_state=best_state,

@@ -2,27 +2,38 @@
 
 Any number of workers, on any number of machines, run this against one storage. A trial is
 started only while `finished + running < budget` (re-queued trials first), so the study's total
-is honoured whoever runs the trials.
+is honoured whoever runs the trials; see the README for how far it can overshoot. When the budget
+is taken but other workers' trials still run, a worker waits instead of leaving: if one of those
+workers dies, its trial is re-queued and someone must be there to finish it.
+
+Stale trials (a dead worker's) are swept when the worker starts, before every trial and while it
+waits. SIGTERM / Ctrl-C stop the running trial and re-queue it (`signals.py`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import StudyConfig
 from hpsearch.dashboard import save_study_note
 from hpsearch.data import load_search_data
 from hpsearch.errors import HpsearchError
-from hpsearch.objective import Objective, TrialFailed
+from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
+from hpsearch.recovery import Sweeper, requeue
+from hpsearch.signals import StopRequest
 from hpsearch.storage import artifact_store, open_storage, redact
 from hpsearch.study import budget_state, check_split, open_study, study_deadline
+from hpsearch.train import Interrupted
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
 
@@ -37,7 +48,8 @@ class WorkerOptions:
     n_trials: int | None = None  # this worker's own limit
     timeout: float | None = None  # this worker's own limit, seconds
     threads: int | None = None
-    worker_index: int = 0
+    worker_index: int = 0  # distinct per worker process on a node: seeds the sampler
+    finish_trial_on_signal: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,15 +79,27 @@ def resolve_data_dir(cli_value: str | None, cfg: StudyConfig) -> Path:
 class WorkerSummary:
     trials_run: int
     stop_reason: str
+    signal: str | None = None  # the signal that stopped the worker, if one did
 
 
-def run_worker(opts: WorkerOptions, display: Display | None = None) -> WorkerSummary:
+def run_worker(
+    opts: WorkerOptions, display: Display | None = None, stop: StopRequest | None = None
+) -> WorkerSummary:
+    """Run trials until the study's budget or this worker's limits; SIGTERM/Ctrl-C stop it."""
+    stop = stop or StopRequest(opts.finish_trial_on_signal, opts.cfg.storage.grace_period)
+    stop.install()
+    try:
+        return _run(opts, display or Display.for_terminal(), stop)
+    finally:
+        stop.restore()
+
+
+def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSummary:
     cfg = opts.cfg
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     device = resolve_device(opts.device)
     data_dir = resolve_data_dir(opts.data_dir, cfg)
-    display = display or Display.for_terminal()
 
     # Data first: a missing dataset is reported before anything is written to the storage.
     display.note(f"loading {cfg.data.dataset} from {data_dir} onto {device}")
@@ -89,16 +113,23 @@ def run_worker(opts: WorkerOptions, display: Display | None = None) -> WorkerSum
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
     check_split(study, data.fingerprint)
     store = artifact_store(opts.storage_url, opts.artifacts)
-    display.note(f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials")
+    display.note(
+        f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials; "
+        f"worker {opts.worker_index} on {device}, {torch.get_num_threads()} thread(s)"
+    )
+    sweeper = Sweeper(study, storage, cfg.storage.grace_period)
+    sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
 
-    objective = Objective(cfg, data, device, store, on_progress=display.progress)
+    objective = Objective(cfg, data, device, store, on_progress=display.progress,
+                          should_stop=stop.stop_training, note=display.note, worker_index=opts.worker_index)
     deadline = study_deadline(study, cfg.budget.timeout_minutes)
+    poll_s = min(cfg.storage.heartbeat_interval, 5)
     started = time.monotonic()
     mine = 0
+    waiting = False
     while True:
-        budget = budget_state(study, cfg.budget.n_trials)
-        if not budget.may_start:
-            reason = f"study budget reached ({budget.finished} finished, {budget.running} running)"
+        if stop.requested:
+            reason = f"stopped by {stop.signal_name}"
             break
         if opts.n_trials is not None and mine >= opts.n_trials:
             reason = f"this worker's --n-trials {opts.n_trials} reached"
@@ -109,18 +140,75 @@ def run_worker(opts: WorkerOptions, display: Display | None = None) -> WorkerSum
         if deadline is not None and time.time() >= deadline:
             reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
             break
-        study.optimize(
-            objective,
-            n_trials=1,
-            catch=(TrialFailed,),
-            callbacks=[lambda s, t: display.trial_done(s, t, budget_state(s, cfg.budget.n_trials))],
-            gc_after_trial=False,
-        )
+        sweeper.sweep()
+        budget = budget_state(study, cfg.budget.n_trials)
+        if not budget.may_start:
+            if budget.running == 0:
+                reason = f"study budget reached ({budget.finished} finished)"
+                break
+            if not waiting:
+                display.note(
+                    f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
+                    f"waiting in case one of those fails and is re-queued"
+                )
+                waiting = True
+            stop.wait(poll_s)
+            continue
+        waiting = False
+        ended: list[FrozenTrial] = []
+        try:
+            study.optimize(
+                objective, n_trials=1, catch=(TrialFailed, Interrupted),
+                callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
+            )
+        except (TakenOver, ValueError):
+            # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
+            if objective.taken_over is None:
+                raise
+            display.note(
+                f"trial {objective.taken_over} was failed by another worker while it ran here (its "
+                f"heartbeat was late); dropped here, its re-queued copy resumes from its checkpoint"
+            )
+            objective.taken_over = None
+            continue
         mine += 1
+        trial = ended[-1]
+        if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
+            requeue(study, trial)
+            display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
+        display.trial_done(study, trial, budget_state(study, cfg.budget.n_trials))
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
-    return WorkerSummary(mine, reason)
+    return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
+
+
+class _OwnFailures(logging.Filter):
+    """Optuna logs every failed trial with a traceback; for the failures hpsearch expects and
+    reports itself (a signal, out of memory, a trial taken over) that is noise."""
+
+    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver))
+    NUMBER = re.compile(r"^Trial (\d+) failed with (parameters|value)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dropped: set[str] = set()  # Optuna follows the message with "failed with value"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        m = self.NUMBER.match(message)
+        if m is None:
+            return True
+        if m.group(2) == "parameters" and any(tag in message for tag in self.OURS):
+            self._dropped.add(m.group(1))
+            return False
+        if m.group(2) == "value" and m.group(1) in self._dropped:
+            self._dropped.discard(m.group(1))
+            return False
+        return True
 
 
 def quiet_optuna() -> None:
     """Our display reports trials; Optuna keeps its warnings (heartbeat, storage) only."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _OwnFailures) for f in optimize_log.filters):
+        optimize_log.addFilter(_OwnFailures())

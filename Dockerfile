@@ -1,0 +1,39 @@
+# The hpsearch image: the locked environment (PyPI's torch wheels bring their own CUDA libraries,
+# so a plain Python base runs on GPUs given the NVIDIA container toolkit) and the code.
+#
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t hpsearch .
+#   docker run --gpus all -e HPSEARCH_STORAGE=postgresql+psycopg2://... hpsearch worker --study cnn
+FROM python:3.11-slim-bookworm
+
+COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
+
+# Bytecode at build time: workers start in seconds, not after compiling torch.
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /app
+# Dependencies first, in their own layer: rebuilt only when the lock file changes.
+COPY pyproject.toml uv.lock README.md ./
+RUN uv sync --locked --no-dev --no-install-project
+COPY src ./src
+COPY studies ./studies
+RUN uv sync --locked --no-dev
+
+# No .git in the image: trials record this commit as their code version.
+ARG GIT_COMMIT=""
+ENV HPSEARCH_GIT_COMMIT=${GIT_COMMIT}
+
+# The artifact folder exists, owned by the user, so a named volume mounted there inherits that.
+RUN useradd --create-home --uid 1000 hpsearch \
+    && mkdir -p /artifacts /data \
+    && chown hpsearch:hpsearch /artifacts /data
+USER hpsearch
+WORKDIR /home/hpsearch
+ENV HPSEARCH_ARTIFACTS=/artifacts \
+    HPSEARCH_DATA_DIR=/data
+
+ENTRYPOINT ["hpsearch"]
+CMD ["--help"]
