@@ -16,6 +16,7 @@ from html import escape
 BLUE, ORANGE, GREEN, RED, GREY, PURPLE = "#0072B2", "#E69F00", "#009E73", "#D55E00", "#999999", "#CC79A7"
 
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 20, 34, 46
+_LEGEND = 190  # width of the legend column
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,11 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 class _Axes:
-    def __init__(self, x: tuple[float, float], y: tuple[float, float], log_y: bool, w: int, h: int) -> None:
-        self.x0, self.x1 = x if x[1] > x[0] else (x[0] - 0.5, x[0] + 0.5)
+    def __init__(self, x: tuple[float, float], y: tuple[float, float], log_y: bool, w: int, h: int,
+                 right: int) -> None:
+        # A little room on both sides, so points at the ends are not drawn on the frame.
+        xpad = 0.03 * (x[1] - x[0]) if x[1] > x[0] else 0.5
+        self.x0, self.x1 = x[0] - xpad, x[1] + xpad
         lo, hi = y
         if log_y:
             lo, hi = math.log10(lo), math.log10(hi)
@@ -73,10 +77,10 @@ class _Axes:
         pad = 0.04 * (hi - lo)
         self.y0, self.y1 = lo - pad, hi + pad
         self.log_y = log_y
-        self.w, self.h = w, h
+        self.w, self.h, self.right = w, h, right
 
     def px(self, x: float) -> float:
-        return _LEFT + (x - self.x0) / (self.x1 - self.x0) * (self.w - _LEFT - _RIGHT)
+        return _LEFT + (x - self.x0) / (self.x1 - self.x0) * (self.w - _LEFT - self.right)
 
     def py(self, y: float) -> float:
         v = math.log10(y) if self.log_y else y
@@ -99,7 +103,7 @@ def line_chart(
     ylabel: str,
     log_y: bool = False,
     integer_x: bool = True,
-    width: int = 720,
+    width: int = 860,
     height: int = 380,
 ) -> str:
     """Lines and/or points on shared axes. Non-finite values (and <= 0 on a log axis) are dropped."""
@@ -114,14 +118,16 @@ def line_chart(
     if not xs:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#555">no data</text></svg>')
         return "".join(out)
-    ax = _Axes((min(xs), max(xs)), (min(ys), max(ys)), log_y, width, height)
+    legend = [s for s in series if s.label]
+    right = _RIGHT + (_LEGEND if legend else 0)  # the legend sits right of the plot, never on the data
+    ax = _Axes((min(xs), max(xs)), (min(ys), max(ys)), log_y, width, height, right)
 
     # Grid and tick labels.
     yt = log_ticks(min(ys), max(ys)) if log_y else linear_ticks(ax.y0, ax.y1)
     for t in yt:
         y = ax.py(t)
         if _TOP - 1 <= y <= height - _BOTTOM + 1:
-            out.append(f'<line x1="{_LEFT}" x2="{width - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
+            out.append(f'<line x1="{_LEFT}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
             out.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{_fmt(t)}</text>')
     xt = linear_ticks(ax.x0, ax.x1, 8)
     if integer_x:
@@ -131,10 +137,10 @@ def line_chart(
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{height - _BOTTOM}" y2="{height - _BOTTOM + 4}" stroke="#333"/>')
         out.append(f'<text x="{x:.1f}" y="{height - _BOTTOM + 17}" text-anchor="middle" font-size="11">{_fmt(t)}</text>')
     out.append(
-        f'<rect x="{_LEFT}" y="{_TOP}" width="{width - _LEFT - _RIGHT}" height="{height - _TOP - _BOTTOM}" '
+        f'<rect x="{_LEFT}" y="{_TOP}" width="{width - _LEFT - right}" height="{height - _TOP - _BOTTOM}" '
         f'fill="none" stroke="#333"/>'
     )
-    out.append(f'<text x="{(width + _LEFT) / 2:.0f}" y="{height - 8}" text-anchor="middle" font-size="12">'
+    out.append(f'<text x="{(width - right + _LEFT) / 2:.0f}" y="{height - 8}" text-anchor="middle" font-size="12">'
                f'{escape(xlabel)}</text>')
     out.append(f'<text transform="translate(16,{(height - _BOTTOM + _TOP) / 2:.0f}) rotate(-90)" '
                f'text-anchor="middle" font-size="12">{escape(ylabel + (" (log scale)" if log_y else ""))}</text>')
@@ -153,15 +159,13 @@ def line_chart(
         if s.end_marker:
             out.append(_marker(s.end_marker, *coords[-1], s.color, 1.0))
 
-    legend = [s for s in series if s.label]
     for i, s in enumerate(legend):
-        x, y = width - _RIGHT - 170, _TOP + 14 + 17 * i
+        x, y = width - right + 12, _TOP + 14 + 17 * i
         dash = ' stroke-dasharray="5,3"' if s.dashed else ""
         sample = (_marker(s.marker or s.end_marker or "circle", x + 10, y - 4, s.color, 1.0)
                   if not s.line else
                   f'<line x1="{x}" x2="{x + 20}" y1="{y - 4}" y2="{y - 4}" stroke="{s.color}" '
                   f'stroke-width="2"{dash}/>')
-        out.append(f'<rect x="{x - 4}" y="{y - 14}" width="170" height="17" fill="white" opacity="0.8"/>')
         out.append(sample)
         out.append(f'<text x="{x + 26}" y="{y}" font-size="11">{escape(s.label)}</text>')
     out.append("</svg>")
