@@ -295,18 +295,18 @@ def select_by_seeds(
     then tested is the winner's run with the lowest validation loss.
     """
     table: list[dict] = []
-    best: tuple[float, FrozenTrial, HParams, Run, ModelSpec, dict] | None = None
+    kept: dict[int, tuple[FrozenTrial, HParams, Run, ModelSpec, dict]] = {}
     for trial in candidates:
         hp = trial_hparams(trial, cfg)
         runs: list[Run] = []
-        keep: tuple[Run, ModelSpec, dict] | None = None
         for seed in seeds:
             run, spec, state = retrain(trial, hp, seed, cfg, search, device, precision, crop)
             say(f"trial {trial.number} seed {seed}: validation loss {run.val_loss:.4f}, accuracy "
                 f"{run.val_accuracy:.2%} ({run.epochs} epochs, {run.seconds:.0f}s)")
             runs.append(run)
-            if state and (keep is None or run.val_loss < keep[0].val_loss):
-                keep = (run, spec, state)
+            # Of each configuration, keep only the weights of its best seed: the one tested if it wins.
+            if state and (trial.number not in kept or run.val_loss < kept[trial.number][2].val_loss):
+                kept[trial.number] = (trial, hp, run, spec, state)
         losses = [r.val_loss for r in runs]
         mean = statistics.fmean(losses) if all(math.isfinite(x) for x in losses) else math.inf
         std = statistics.stdev(losses) if len(losses) > 1 and math.isfinite(mean) else 0.0
@@ -316,13 +316,13 @@ def select_by_seeds(
             "mean_val_loss": mean if math.isfinite(mean) else None, "std_val_loss": std,
             "mean_val_accuracy": statistics.fmean(r.val_accuracy for r in runs),
         })
-        if keep is not None and (best is None or mean < best[0]):
-            best = (mean, trial, hp, *keep)
+    best = pick_by_mean(table)
     if best is None:
-        raise HpsearchError("every re-training run diverged; check the study's learning-rate range")
-    mean, trial, hp, run, spec, state = best
-    for row in table:
-        row["winner"] = row["trial"] == trial.number
+        raise HpsearchError("every re-trained configuration diverged on some seed; check the study's "
+                            "learning-rate range, or re-train more configurations with --top-k")
+    for i, row in enumerate(table):
+        row["winner"] = i == best
+    trial, hp, run, spec, state = kept[table[best]["trial"]]
     return Winner(
         trial, hp, run.seed, spec, state, search.normalizer, crop, run.val_loss, run.val_accuracy,
         run.best_epoch, run.epochs,
@@ -331,6 +331,15 @@ def select_by_seeds(
                 f"(lowest validation loss of its seeds) is the model tested"),
         retrained=True,
     ), table
+
+
+def pick_by_mean(table: list[dict]) -> int | None:
+    """The row with the lowest mean validation loss (None: no row has a finite mean).
+
+    Rows come in the search's order, so a tie goes to the configuration the search ranked higher.
+    """
+    finite = [i for i, row in enumerate(table) if row["mean_val_loss"] is not None]
+    return min(finite, key=lambda i: table[i]["mean_val_loss"]) if finite else None
 
 
 def read_test_split(study: optuna.Study, cfg: StudyConfig, data_dir: Path, device: torch.device,
