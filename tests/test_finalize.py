@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import shutil
 import sqlite3
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from optuna_dashboard._note import get_note_from_system_attrs

@@ -608,6 +608,6 @@ def save_dashboard_note(study: optuna.Study, doc: dict) -> None:
     from optuna_dashboard import save_note
 
     body = render_markdown(
-        [("h", 2, f"Final test evaluation (hpsearch finalize)"), *summary_blocks(doc)], figure_files=False
+        [("h", 2, "Final test evaluation (hpsearch finalize)"), *summary_blocks(doc)], figure_files=False
     )
     save_note(study, body)
