@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from optuna_dashboard._note import get_note_from_system_attrs
@@ -260,6 +261,30 @@ def test_test_split_is_read_once_then_locked_and_force_is_recorded(searched, mni
     assert len([line for line in table.splitlines() if re.match(r"\| \d+ \|", line)]) == 2
     assert "used 2 times" in md
     assert "used 2 times" in note_body(study)
+
+
+def test_a_read_without_a_stored_result_still_locks(searched, mnist_dir, tmp_path):
+    """A run that read the test split and then died leaves a use but no result: that is a look too."""
+    d = copy_study(searched, tmp_path / "interrupted")
+    study = load(d)
+    interrupted = {"n": 1, "at": "2026-01-01T00:00:00+00:00", "trial": study.best_trial.number, "forced": False}
+    study.set_user_attr(finalize.USES_ATTR, [interrupted])
+    reads = finalize.test_split_reads
+
+    rc, out, err = run_finalize(d, mnist_dir)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--force" in err and "interrupted" in err
+    # The same check guards the moment of reading, for a finalize that started before the other read.
+    cfg = load_config(searched.study_file)
+    with pytest.raises(finalize.HpsearchError, match="another finalize"):
+        finalize.read_test_split(study, cfg, mnist_dir, torch.device("cpu"), {"trial": 0}, force=False)
+    assert finalize.test_split_reads == reads
+    assert load(d).user_attrs[finalize.USES_ATTR] == [interrupted]
+
+    rc, out, err = run_finalize(d, mnist_dir, "--force")
+    assert rc == 0, err
+    assert finalize.test_split_reads == reads + 1
+    uses = load(d).user_attrs[finalize.USES_ATTR]
+    assert [u["n"] for u in uses] == [1, 2] and uses[1]["forced"] and "test_accuracy" in uses[1]
 
 
 # --- selection by re-training -------------------------------------------------------------------

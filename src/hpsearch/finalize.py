@@ -343,13 +343,22 @@ def pick_by_mean(table: list[dict]) -> int | None:
 
 
 def read_test_split(study: optuna.Study, cfg: StudyConfig, data_dir: Path, device: torch.device,
-                    use: dict) -> TestData:
+                    use: dict, force: bool) -> TestData:
     """The only way hpsearch reads the test split: the use is recorded first, then the data loaded.
 
     Recording first means a crash during evaluation still counts as a look at the test split.
+    Without `force`, a use recorded since this run started (another finalize finished its
+    selection first) stops this one: checked here, the moment before reading, not only at start.
     """
     global test_split_reads
     uses = list(study.user_attrs.get(USES_ATTR, []))
+    if uses and not force:
+        raise HpsearchError(
+            f"study {study.study_name!r}: another finalize used the test split at {uses[-1].get('at')} "
+            f"while this one was selecting; see its result with `hpsearch finalize --study "
+            f"{study.study_name}` (add --force to evaluate again, recorded as use #{len(uses) + 1})"
+        )
+    use["n"] = len(uses) + 1  # numbered by the record itself, re-read just now
     uses.append(use)
     study.set_user_attr(USES_ATTR, uses)
     test_split_reads += 1
@@ -396,8 +405,15 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     out_dir = Path(opts.out) / safe_name(study.study_name)
 
     stored = study.user_attrs.get(RESULT_ATTR)
+    uses = study.user_attrs.get(USES_ATTR, [])
+    if uses and stored is None and not opts.force:
+        # The split was read but the run stopped before storing a result: looking again is a second use.
+        raise HpsearchError(
+            f"study {study.study_name!r}: the test split was read at {uses[-1].get('at')} (use "
+            f"#{len(uses)}) but no result was stored (that run was interrupted); run again with --force "
+            f"to evaluate once more, recorded as use #{len(uses) + 1}"
+        )
     if stored is not None and not opts.force:
-        uses = study.user_attrs.get(USES_ATTR, [])
         say(locked_message(study.study_name, stored, uses))
         doc = report.build_report(study, cfg, opts.storage_url, out_dir, stored, uses)
         files = report.write_report(doc, out_dir)
@@ -469,7 +485,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     if uses_before:
         say(f"--force: the test split has been used {len(uses_before)} time(s) already; this use "
             f"(#{use['n']}) is recorded")
-    test = read_test_split(study, cfg, data_dir, device, use)
+    test = read_test_split(study, cfg, data_dir, device, use, force=opts.force)
     metrics = test_metrics(model, test.test, winner.normalizer, winner.crop, precision,
                            cfg.training.eval_batch_size, test.classes)
     metrics["fingerprint"] = test.fingerprint
