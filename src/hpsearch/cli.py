@@ -1,8 +1,9 @@
-"""`hpsearch worker | status | dashboard`: known errors become one line and exit code 2.
+"""`hpsearch worker | status | finalize | dashboard`: known errors become one line and exit code 2.
 
     hpsearch worker --study cnn                 # search (or join a search) on ./hpsearch.db
     hpsearch worker --study cnn --processes 4   # four workers on this node, spread over its GPUs
     hpsearch status --study cnn                 # trials by state, best value and parameters
+    hpsearch finalize --study cnn               # test the best model once, write reports/cnn/
     hpsearch dashboard                          # optuna-dashboard on http://127.0.0.1:8080
 """
 
@@ -140,6 +141,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--artifacts", metavar="DIR",
                    help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
                    "beside the SQLite file)")
+
+    f = sub.add_parser(
+        "finalize", parents=[common],
+        help="evaluate the best model once on the held-out test split and write a report",
+        description="Pick the winner on validation (the best trial, or with --top-k/--seeds the "
+        "configuration with the lowest mean validation loss over several re-trainings), evaluate it "
+        "ONCE on the test split, store the result in the study and as a dashboard note, and write "
+        "report.md, report.html and report.json to OUT/<study>/. Run again, it shows the stored result "
+        "without reading the test split; --force evaluates again and records the extra use.",
+    )
+    f.add_argument(
+        "--study", required=True, metavar="NAME|PATH",
+        help="the study: its name in the storage, or its study file (name in studies/ or a .toml path)",
+    )
+    f.add_argument("--top-k", type=_positive_int, metavar="K",
+                   help="re-train the K best configurations (train split) and pick by mean validation loss")
+    f.add_argument("--seeds", type=_positive_int, metavar="N",
+                   help="seeds per re-trained configuration (default 1 with --top-k); reports mean ± std")
+    f.add_argument("--force", action="store_true",
+                   help="evaluate on the test split again although it was used before (recorded)")
+    f.add_argument("--out", default="reports", metavar="DIR", help="reports go to DIR/<study>/ (default: reports)")
+    f.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    f.add_argument("--data-dir", metavar="DIR",
+                   help="dataset folder (default: $HPSEARCH_DATA_DIR, else data.root of the study's config)")
+    f.add_argument("--artifacts", metavar="DIR",
+                   help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
+                   "beside the SQLite file)")
     return parser
 
 
@@ -207,6 +235,20 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _cmd_finalize(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from hpsearch.finalize import FinalizeOptions, command_line, finalize
+    from hpsearch.storage import resolve_url
+    from hpsearch.worker import quiet_optuna
+
+    quiet_optuna()
+    finalize(FinalizeOptions(
+        study=args.study, storage_url=resolve_url(args.storage), artifacts=args.artifacts,
+        data_dir=args.data_dir, device=args.device, top_k=args.top_k, seeds=args.seeds,
+        force=args.force, out=args.out, command=command_line(argv),
+    ), say=lambda line: print(f"hpsearch: {line}", flush=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Not parser.set_defaults: the shared actions are the same objects in every subparser, so
@@ -214,8 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     args.storage = getattr(args, "storage", None)
     warnings.filterwarnings("ignore", module="optuna")
+    commands = {
+        "worker": _cmd_worker,
+        "status": _cmd_status,
+        "finalize": lambda a: _cmd_finalize(a, argv),
+        "dashboard": _cmd_dashboard,
+    }
     try:
-        return {"worker": _cmd_worker, "status": _cmd_status, "dashboard": _cmd_dashboard}[args.command](args)
+        return commands[args.command](args)
     except HpsearchError as e:
         if args.debug:
             traceback.print_exc()

@@ -83,3 +83,38 @@ def flops_per_sample(spec: ModelSpec) -> int:
     fh, fw = spec.feature_hw()
     linear = spec.conv2_channels * fh * fw * spec.num_classes
     return 2 * (conv1 + conv2 + linear)
+
+
+def summarize(spec: ModelSpec) -> dict:
+    """Layers with their output shapes and parameter counts, the totals and the size in memory.
+
+    Built from the spec on the CPU (shapes and counts do not depend on the weights or the device).
+    """
+    model = CNN(spec).eval()
+    layers: list[dict] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            layers.append({
+                "name": name,
+                "type": type(module).__name__,
+                "detail": module.extra_repr(),
+                "output_shape": list(output.shape[1:]),
+                "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+            })
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(1, spec.in_channels, *spec.input_hw))
+    for h in handles:
+        h.remove()
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return {
+        "input_shape": [spec.in_channels, *spec.input_hw],
+        "layers": layers,
+        "parameters": count_parameters(model),
+        "size_bytes": size,
+        "flops_per_sample": flops_per_sample(spec),
+        "spec": spec.to_dict(),
+    }
