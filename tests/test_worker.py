@@ -41,3 +41,26 @@ def test_two_workers_finish_one_budget_on_one_sqlite_file(tmp_path: Path, mnist_
     assert len({t.user_attrs["split_fingerprint"] for t in trials}) == 1
     # Checkpoints of both workers live in the one artifact store beside the database.
     assert (tmp_path / "hpsearch-artifacts").is_dir()
+
+
+def _open(path: str) -> None:
+    from hpsearch.config import StorageConfig
+    from hpsearch.storage import open_storage
+
+    open_storage(f"sqlite:///{path}", StorageConfig())
+
+
+def test_workers_racing_to_create_a_new_sqlite_file_all_succeed(tmp_path: Path) -> None:
+    """Optuna creates its tables on first open; without the lock, racing openers failed with
+    'table ... already exists' (seen in 1-2 of 4 processes per round)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for round_ in range(3):
+        path = str(tmp_path / f"race{round_}.db")
+        procs = [ctx.Process(target=_open, args=(path,)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]

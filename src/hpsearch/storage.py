@@ -14,6 +14,7 @@ start (a wrong URL, a server that is not there) is a one-line `StorageError` at 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import inspect
 import logging
@@ -157,10 +158,21 @@ def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict):
 
     Workers started together on an empty database would otherwise race to create the same tables
     and all but one would fail ("relation alembic_version already exists"). The lock belongs to
-    the session: a process that dies holding it releases it. SQLite serialises on the file.
+    the session: a process that dies holding it releases it. For SQLite the same race exists
+    ("table trial_user_attributes already exists"), so an flock on `<db>.lock` beside the file
+    serialises it; the kernel releases it when a process dies, too.
     """
-    if parsed.get_backend_name() != "postgresql":
-        yield
+    if parsed.get_backend_name() == "sqlite":
+        db = Path(parsed.database) if parsed.database and parsed.database != ":memory:" else None
+        if db is None:
+            yield
+            return
+        with open(db.with_name(db.name + ".lock"), "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
         return
     engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool,
                                       connect_args=engine_kwargs.get("connect_args", {}))
