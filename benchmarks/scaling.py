@@ -28,6 +28,9 @@ import optuna
 import psycopg2
 from optuna.trial import TrialState
 
+from hpsearch.config import StorageConfig
+from hpsearch.storage import open_storage
+
 HOST, PORT = "127.0.0.1", 5432
 
 STUDY = """\
@@ -79,8 +82,11 @@ class Bench:
         con.cursor().execute(f'CREATE DATABASE "{self.db}"')
         con.close()
         self.url = f"postgresql+psycopg2://{user}@{HOST}:{PORT}/{self.db}"
+        # Read through hpsearch's own storage, which waits out a restart (ours, or anyone's).
+        self.storage = open_storage(self.url, StorageConfig())
 
     def close(self) -> None:
+        self.storage.engine.dispose()
         con, _ = admin()
         con.cursor().execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         con.close()
@@ -104,7 +110,7 @@ class Bench:
 
     def trials(self, name: str):
         try:
-            return optuna.load_study(study_name=name, storage=self.url).get_trials(deepcopy=False)
+            return optuna.load_study(study_name=name, storage=self.storage).get_trials(deepcopy=False)
         except KeyError:
             return []
 
