@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"hpsearch: error: {' '.join(str(e).split())}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("hpsearch: interrupted; the running trial (if any) was marked failed\n")
+        # Only before a worker installs its own handlers (signals.py): no trial is running yet.
+        sys.stderr.write("hpsearch: interrupted\n")
         return EXIT_INTERRUPTED
 
 

@@ -91,8 +91,10 @@ def run_node(opts: WorkerOptions, k: int, *, study_arg: str, debug: bool = False
     print(f"hpsearch: {k} workers on {redact(opts.storage_url)}: {where}", flush=True)
 
     children: list[subprocess.Popen] = []
+    signalled: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        signalled.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
@@ -100,12 +102,16 @@ def run_node(opts: WorkerOptions, k: int, *, study_arg: str, debug: bool = False
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
     try:
         for i, (device, threads) in enumerate(layout):
+            if signalled:  # stopping: start no one else
+                break
             cmd = child_command(opts, study_arg, first + i, device, threads, debug)
             children.append(subprocess.Popen(cmd, env=env, start_new_session=True))
         codes = [child.wait() for child in children]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if signalled and signalled[0] == signal.SIGINT and all(c in (0, 130) for c in codes):
+        return 130
     failed = [(first + i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         print("hpsearch: workers with a non-zero exit: "

@@ -9,6 +9,7 @@ stopped) continues from the latest epoch checkpoint of the trial it re-runs.
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
 import socket
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch.checkpoint import (
     EPOCH_CHECKPOINT,
@@ -133,7 +135,8 @@ class Objective:
             return None
         try:
             point = load_resume_point(self.store, pointer["artifact_id"])
-        except Exception as e:  # gone, unreadable, another format: train from the start
+        except (ArtifactNotFound, OSError, ValueError, RuntimeError, KeyError, TypeError,
+                pickle.UnpicklingError) as e:  # gone, truncated, another format: start over
             why = f"checkpoint {pointer['artifact_id']} of trial {pointer.get('trial')} unusable ({e})"
             self.note(f"trial {trial.number}: {why}; starting from epoch 1")
             trial.set_user_attr("resume_skipped", why)

@@ -21,9 +21,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopRequest:
-    def __init__(self, finish_trial: bool = False, grace_period: float | None = None) -> None:
+    def __init__(self, finish_trial: bool = False, grace_period: float | None = None,
+                 prefix: str = "") -> None:
         self.finish_trial = finish_trial
         self.grace_period = grace_period
+        self.prefix = prefix  # "w1 " for one of several processes sharing a terminal
         self.signal_name: str | None = None
         self._event = threading.Event()
         self._count = 0
@@ -63,10 +65,10 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self._count > 1:
             later = (f" once its heartbeat is {self.grace_period:g} s old" if self.grace_period else "")
-            os.write(2, f"hpsearch: second {name}: exiting now; the running trial (if any) is failed "
+            os.write(2, f"{self.prefix}hpsearch: second {name}: exiting now; the running trial (if any) is failed "
                         f"and re-queued by the next worker{later}\n".encode())
             os._exit(128 + signum)
         self.request(name)
         what = ("finishing the running trial, then exiting" if self.finish_trial
                 else "stopping the running trial (it is re-queued and resumes from its last epoch)")
-        os.write(2, f"hpsearch: {name}: {what}; send it again to exit at once\n".encode())
+        os.write(2, f"{self.prefix}hpsearch: {name}: {what}; send it again to exit at once\n".encode())

@@ -86,10 +86,11 @@ def run_worker(
     opts: WorkerOptions, display: Display | None = None, stop: StopRequest | None = None
 ) -> WorkerSummary:
     """Run trials until the study's budget or this worker's limits; SIGTERM/Ctrl-C stop it."""
-    stop = stop or StopRequest(opts.finish_trial_on_signal, opts.cfg.storage.grace_period)
+    display = display or Display.for_terminal()
+    stop = stop or StopRequest(opts.finish_trial_on_signal, opts.cfg.storage.grace_period, display.prefix)
     stop.install()
     try:
-        return _run(opts, display or Display.for_terminal(), stop)
+        return _run(opts, display, stop)
     finally:
         stop.restore()
 
