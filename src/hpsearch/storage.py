@@ -135,7 +135,7 @@ def open_storage(
             heartbeat_stale_trial_callback=retry,
         )
     try:
-        with _schema_lock(parsed, engine_kwargs), warnings.catch_warnings():
+        with _schema_lock(parsed, engine_kwargs, creating=not must_exist), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
             storage = ReconnectingRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
@@ -153,18 +153,19 @@ _SCHEMA_LOCK_KEY = zlib.crc32(b"hpsearch: optuna schema")
 
 
 @contextlib.contextmanager
-def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict):
+def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict, creating: bool = True):
     """Hold a PostgreSQL advisory lock while Optuna creates or checks its tables.
 
     Workers started together on an empty database would otherwise race to create the same tables
     and all but one would fail ("relation alembic_version already exists"). The lock belongs to
     the session: a process that dies holding it releases it. For SQLite the same race exists
     ("table trial_user_attributes already exists"), so an flock on `<db>.lock` beside the file
-    serialises it; the kernel releases it when a process dies, too.
+    serialises it; the kernel releases it when a process dies, too. Readers of an existing file
+    (`creating=False`: status, finalize, dashboard) need no lock and leave no lock file behind.
     """
     if parsed.get_backend_name() == "sqlite":
         db = Path(parsed.database) if parsed.database and parsed.database != ":memory:" else None
-        if db is None:
+        if db is None or not creating:
             yield
             return
         with open(db.with_name(db.name + ".lock"), "a") as lock_file:
