@@ -113,7 +113,10 @@ def main() -> None:
             precision = Precision(channels_last=name.endswith("channels_last"), bf16=False)
             if precision.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            opt = build_optimizer(hp, model.parameters())
+            # The tutorial's plain torch.optim.Adam for the seed loop; hpsearch's own optimizer
+            # (fused) for hpsearch.
+            opt = (torch.optim.Adam(model.parameters(), lr=hp.lr) if name.startswith("seed")
+                   else build_optimizer(hp, model.parameters()))
             g = torch.Generator(device=device).manual_seed(r)
             rates = []
             for e in range(args.epochs + 1):  # the first epoch warms up allocators and kernels
