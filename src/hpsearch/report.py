@@ -24,7 +24,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__, svgplot
-from hpsearch.config import StudyConfig
+from hpsearch.config import BatchChoice, FloatRange, IntRange, OptimizerChoice, StudyConfig
 from hpsearch.objective import trial_seed
 from hpsearch.storage import redact
 from hpsearch.study import ATTR, OBJECTIVE_NAME, budget_state
@@ -77,7 +77,7 @@ def build_report(study: optuna.Study, cfg: StudyConfig, storage_url: str, out_di
             "sampler": cfg.sampler.model_dump(mode="json"),
             "pruner": cfg.pruner.model_dump(mode="json"),
             "max_epochs": cfg.training.max_epochs,
-            "search_space": {name: _describe(d) for name, d in winner.distributions.items()},
+            "search_space": search_space(cfg),
         },
         "result": result,
         "test_split_uses": uses,
@@ -88,12 +88,18 @@ def build_report(study: optuna.Study, cfg: StudyConfig, storage_url: str, out_di
     })
 
 
-def _describe(d: optuna.distributions.BaseDistribution) -> dict:
-    if isinstance(d, (FloatDistribution, IntDistribution)):
-        return {"low": d.low, "high": d.high, "log": d.log}
-    if isinstance(d, CategoricalDistribution):
-        return {"choices": list(d.choices)}
-    return {"distribution": repr(d)}
+def search_space(cfg: StudyConfig) -> dict:
+    """Every knob of the study file: a range, a list of choices, or a fixed value."""
+    out = {}
+    for name in type(cfg.search).model_fields:
+        knob = getattr(cfg.search, name)
+        if isinstance(knob, (FloatRange, IntRange)):
+            out[name] = {"low": knob.low, "high": knob.high, "log": knob.log}
+        elif isinstance(knob, (OptimizerChoice, BatchChoice)):
+            out[name] = {"choices": list(knob.choices)}
+        else:
+            out[name] = {"fixed": knob}
+    return out
 
 
 def _trial(t: FrozenTrial) -> dict:
@@ -377,8 +383,8 @@ def document(doc: dict) -> list[tuple]:
     edges = {e["param"]: e["edge"] for e in doc["edge_warnings"]}
     rows = []
     for name, value in r["hparams"].items():
-        d = space.get(name)
-        rng = ("fixed" if d is None else f"{d['choices']}" if "choices" in d
+        d = space.get(name, {"fixed": value})
+        rng = ("fixed" if "fixed" in d else f"{d['choices']}" if "choices" in d
                else f"[{d['low']:g}, {d['high']:g}]" + (" log" if d["log"] else ""))
         note = f"at the {edges[name]} edge" if name in edges else ""
         if name == "momentum" and r["hparams"].get("optimizer") != "sgd":
