@@ -43,6 +43,9 @@ from hpsearch.worker import WorkerOptions, run_worker
 pytestmark = pytest.mark.slow
 
 STUDY = "quick"
+# A winner from these few short trials scores 97-98% on the test part; chance is 10%. The bar says
+# "a trained model was evaluated", with room for the run-to-run spread of a 4-trial search.
+LEARNED = 0.96
 PG_URL = os.environ.get("HPSEARCH_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
@@ -158,7 +161,7 @@ def test_report_files_exist_and_match_the_database(finalized):
     for c, row in enumerate(test["per_class"]):
         assert row["recall"] == pytest.approx(cm[c, c] / cm[c].sum())
         assert row["precision"] == pytest.approx(cm[c, c] / cm[:, c].sum())
-    assert test["accuracy"] >= 0.97
+    assert test["accuracy"] >= LEARNED
 
     # One use, recorded with its figures, and the same numbers in every rendering.
     uses = study.user_attrs[finalize.USES_ATTR]
@@ -323,7 +326,7 @@ def test_top_k_seeds_trains_four_runs_and_picks_by_mean_validation_loss(searched
     winner = sel["candidates"][int(np.argmin(means))]
     assert winner["winner"] and result["trial"] == winner["trial"]
     assert result["retrained"] and result["validation"]["loss"] == min(r["val_loss"] for r in winner["runs"])
-    assert result["test"]["accuracy"] >= 0.97
+    assert result["test"]["accuracy"] >= LEARNED
     # The tested (re-trained) model is kept as a study artifact.
     assert (d / "hpsearch-artifacts" / result["weights_artifact"]).is_file()
     md = (d / "reports" / STUDY / "report.md").read_text()
@@ -351,7 +354,7 @@ def test_missing_checkpoint_is_retrained_and_said_so(searched, mnist_dir, tmp_pa
     assert result["retrained"] and "missing" in result["source"]
     # Same parameters, same seed, same machine: the lost checkpoint's validation loss again.
     assert result["validation"]["loss"] == pytest.approx(study.best_value, rel=1e-4)
-    assert result["test"]["accuracy"] >= 0.97
+    assert result["test"]["accuracy"] >= LEARNED
     assert "missing" in (d / "reports" / STUDY / "report.md").read_text()
 
 
@@ -450,7 +453,7 @@ def test_finalize_and_lock_on_postgresql(searched, mnist_dir, tmp_path):
         study = optuna.load_study(study_name=name, storage=PG_URL)
         result = study.user_attrs[finalize.RESULT_ATTR]
         assert len(study.user_attrs[finalize.USES_ATTR]) == 1
-        assert result["trial"] == study.best_trial.number and result["test"]["accuracy"] >= 0.97
+        assert result["trial"] == study.best_trial.number and result["test"]["accuracy"] >= LEARNED
         assert f"{result['test']['accuracy']:.2%}" in note_body(study)
         doc = json.loads((tmp_path / "reports" / name / "report.json").read_text())
         assert doc["result"] == result and doc["study"]["storage"].startswith("postgresql")
