@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,57 +28,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-import torchvision.transforms as T
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from hpsearch.config import DataConfig
 from hpsearch.data import crop_size, load_search_data
 from hpsearch.model import CNN, ModelSpec, flops_per_sample
 from hpsearch.train import HParams, Precision, build_optimizer, train_epoch
 
-
-class SeedStyleDataset(Dataset):
-    """Per-sample PIL transforms, as in the seed tutorials."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, crop: tuple[int, int], mean, std):
-        self.images = images.cpu()
-        self.labels = labels.cpu()
-        self.transform = T.Compose([T.RandomCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        img = self.images[i]
-        pil = Image.fromarray(img[0].numpy()) if img.shape[0] == 1 else Image.fromarray(img.permute(1, 2, 0).numpy())
-        return self.transform(pil), int(self.labels[i])
-
-
-def tutorial_cnn(spec: ModelSpec) -> nn.Module:
-    """The seed CNN as the tutorial writes it (conv -> ReLU -> pool): the same function and the
-    same parameters as `hpsearch.model.CNN`, which pools before the ReLU."""
-    h, w = spec.feature_hw()
-    return nn.Sequential(
-        nn.Conv2d(spec.in_channels, spec.conv1_channels, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(spec.conv1_channels, spec.conv2_channels, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(spec.dropout), nn.Linear(spec.conv2_channels * h * w, spec.num_classes),
-    )
-
-
-def seed_style_epoch(model, optimizer, loader, device) -> tuple[int, float]:
-    model.train()
-    loss_fn = torch.nn.CrossEntropyLoss()
-    start, n, running = time.perf_counter(), 0, 0.0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        running += loss.item()  # the tutorial's per-batch host sync
-        n += len(y)
-    return n, time.perf_counter() - start
+import seedstyle  # benchmarks/seedstyle.py: the tutorial-style baseline
+from machine import machine
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -118,18 +74,15 @@ def main() -> None:
     spec = ModelSpec(data.image_shape[0], data.num_classes, crop, 32, 64, 0.0)
     hp = HParams(lr=1e-3, weight_decay=0.0, optimizer="adam", momentum=0.0, conv1_channels=32,
                  conv2_channels=64, dropout=0.0, batch_size=args.batch_size)
-    mean = [m / 255 for m in data.normalizer.mean]
-    std = [s / 255 for s in data.normalizer.std]
-    loader = DataLoader(SeedStyleDataset(data.train.images, data.train.labels, crop, mean, std),
-                        batch_size=args.batch_size, shuffle=True, num_workers=0)
+    loader, _ = seedstyle.loaders(data.train, data.val, data.normalizer, crop, args.batch_size)
 
     default = Precision.choose(device, channels_last=True, bf16="auto")
     # An ablation ladder: each hpsearch row adds one change to the row above it, so the table says
     # what each change is worth. The last row is what `hpsearch worker` runs on this device.
     contenders: dict[str, tuple[Callable[[], nn.Module], Precision | None]] = {
-        "seed-style DataLoader": (lambda: tutorial_cnn(spec), None),
-        "hpsearch loop, NCHW": (lambda: tutorial_cnn(spec), Precision(channels_last=False, bf16=False)),
-        "+ channels_last": (lambda: tutorial_cnn(spec), Precision(channels_last=True, bf16=False)),
+        "seed-style DataLoader": (lambda: seedstyle.tutorial_cnn(spec), None),
+        "hpsearch loop, NCHW": (lambda: seedstyle.tutorial_cnn(spec), Precision(channels_last=False, bf16=False)),
+        "+ channels_last": (lambda: seedstyle.tutorial_cnn(spec), Precision(channels_last=True, bf16=False)),
         "+ pool before ReLU": (lambda: CNN(spec), Precision(channels_last=True, bf16=False)),
         f"+ bf16 autocast{'' if default.bf16 else ' (forced)'}": (lambda: CNN(spec), Precision(channels_last=True, bf16=True)),
     }
@@ -149,7 +102,7 @@ def main() -> None:
             rates = []
             for e in range(args.epochs + 1):  # the first epoch warms up allocators and kernels
                 if precision is None:
-                    n, s = seed_style_epoch(model, opt, loader, device)
+                    n, s, _ = seedstyle.train_epoch(model, opt, loader, device)
                 else:
                     st = train_epoch(model, opt, data.train, data.normalizer, args.batch_size, crop, g, precision)
                     n, s = st.samples, st.seconds
@@ -175,7 +128,7 @@ def main() -> None:
           f"GFLOP/s; CNN training: {train_flops / 1e6:.1f} MFLOP/sample; threads: {torch.get_num_threads()}")
     if args.json:
         args.json.write_text(json.dumps(dict(
-            date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=platform.processor() or platform.machine(),
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
             device=str(device), threads=torch.get_num_threads(), native_bf16=default.bf16, batch_size=args.batch_size,
             epochs=args.epochs, repeats=args.repeats,
             matmul_gflops={str(k).removeprefix('torch.'): v for k, v in roofs.items()},

@@ -41,6 +41,7 @@ from hpsearch.data import SearchData, crop_size
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.provenance import code_version, library_versions
 from hpsearch.recovery import retry_source
+from hpsearch.storage import set_user_attrs
 from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
 
 
@@ -186,8 +187,7 @@ class Objective:
             attrs["resumed_from_epoch"] = resume.state.epoch
             self.note(f"trial {trial.number}: resuming trial {attrs['resumed_from_trial']} "
                       f"after epoch {resume.state.epoch}")
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        set_user_attrs(trial, attrs)
 
         spec = ModelSpec(
             in_channels=data.image_shape[0],
@@ -204,11 +204,14 @@ class Objective:
         checkpoints = EpochCheckpoints(self.store, trial, hp, seed, previous=resume)
         first_epoch = resume.state.epoch + 1 if resume else 1
 
-        def finished(epochs: int, trained: int, samples_per_s: float, stop_reason: str) -> None:
-            trial.set_user_attr("epochs", epochs)
-            trial.set_user_attr("epochs_trained", trained)  # here, not counting a resumed part
-            trial.set_user_attr("samples_per_s", round(samples_per_s, 1))
-            trial.set_user_attr("stop_reason", stop_reason)
+        def finished(epochs: int, trained: int, samples_per_s: float, stop_reason: str, **more: Any) -> None:
+            set_user_attrs(trial, {
+                "epochs": epochs,
+                "epochs_trained": trained,  # here, not counting a resumed part
+                "samples_per_s": round(samples_per_s, 1),
+                "stop_reason": stop_reason,
+                **more,
+            })
 
         def report(r: EpochResult) -> None:
             trial.report(r.val.loss, r.epoch)
@@ -217,9 +220,8 @@ class Objective:
                          r.train.samples_per_s, r.best_val_loss)
             )
             if trial.should_prune():
-                trial.set_user_attr("val_accuracy", r.best_val_accuracy)
-                trial.set_user_attr("best_epoch", r.best_epoch)
-                finished(r.epoch, r.epoch - first_epoch + 1, r.train.samples_per_s, f"pruned after epoch {r.epoch}")
+                finished(r.epoch, r.epoch - first_epoch + 1, r.train.samples_per_s, f"pruned after epoch {r.epoch}",
+                         val_accuracy=r.best_val_accuracy, best_epoch=r.best_epoch)
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch}")
 
         try:
@@ -254,9 +256,8 @@ class Objective:
             trial.set_user_attr("stop_reason", reason)
             raise TrialFailed(reason) from None
 
-        trial.set_user_attr("val_accuracy", result.best_val_accuracy)
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        finished(result.epochs, result.epochs_trained, result.samples_per_s, result.stop_reason)
+        finished(result.epochs, result.epochs_trained, result.samples_per_s, result.stop_reason,
+                 val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch)
         save_best(
             Checkpoint(spec, hp, result.best_state, data.normalizer, self.crop, self.precision,
                        result.best_epoch, result.best_val_loss, result.best_val_accuracy),

@@ -4,7 +4,8 @@ Three ways a trial is left behind, and who picks it up:
 - its worker died (kill -9, node lost): the heartbeat stops; after `grace_period` any worker's
   sweep fails it and Optuna's `RetryHeartbeatStaleTrialCallback` queues a copy (WAITING, same
   parameters, system attrs `failed_trial` / `retry_history`, the user attributes and reported
-  values inherited). Workers sweep when they start, before every trial and while they wait.
+  values inherited). Workers sweep when they start, before every trial and while they wait, at
+  most once per heartbeat interval.
 - its worker died between creating the trial and its first heartbeat: Optuna never calls such a
   trial stale. `Sweeper` fails it once this worker has seen it without a heartbeat for a whole
   grace period (its own clock, so clocks on different nodes need not agree).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 
@@ -44,13 +46,22 @@ def retry_source(system_attrs: dict) -> int | None:
 
 
 class Sweeper:
-    def __init__(self, study: optuna.Study, storage: RDBStorage, grace_period: float) -> None:
+    def __init__(self, study: optuna.Study, storage: RDBStorage, grace_period: float,
+                 min_interval: float = 0.0) -> None:
         self.study = study
         self.storage = storage
         self.grace_period = grace_period
+        # Sweeping more often than trials beat finds nothing new; with short trials and many
+        # workers it is a visible share of the storage traffic (BENCHMARKS.md, overhead).
+        self.min_interval = min_interval
+        self._last = -math.inf
         self._no_beat_since: dict[int, float] = {}  # trial id -> when this worker first saw it
 
     def sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.min_interval:
+            return
+        self._last = now
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)

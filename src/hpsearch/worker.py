@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import StudyConfig
@@ -118,11 +119,28 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
         f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials; "
         f"worker {opts.worker_index} on {device}, {torch.get_num_threads()} thread(s)"
     )
-    sweeper = Sweeper(study, storage, cfg.storage.grace_period)
-    sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
-
     objective = Objective(cfg, data, device, store, on_progress=display.progress,
                           should_stop=stop.stop_training, note=display.note, worker_index=opts.worker_index)
+    return trial_loop(study, storage, cfg, objective, display, stop, n_trials=opts.n_trials, timeout=opts.timeout)
+
+
+def trial_loop(
+    study: optuna.Study,
+    storage: RDBStorage,
+    cfg: StudyConfig,
+    objective: Objective,
+    display: Display,
+    stop: StopRequest,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+) -> WorkerSummary:
+    """Trial after trial until the study's budget, its timeout, this worker's own limits
+    (`n_trials`, `timeout` in seconds) or a signal: sweep stale trials, check the budget, run one
+    trial, re-queue it if a signal interrupted it. Everything a worker does apart from the data and
+    the model; the storage benchmark drives it with a trivial objective (benchmarks/scaling.py)."""
+    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval)
+    sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
     deadline = study_deadline(study, cfg.budget.timeout_minutes)
     poll_s = min(cfg.storage.heartbeat_interval, 5)
     started = time.monotonic()
@@ -132,11 +150,11 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
         if stop.requested:
             reason = f"stopped by {stop.signal_name}"
             break
-        if opts.n_trials is not None and mine >= opts.n_trials:
-            reason = f"this worker's --n-trials {opts.n_trials} reached"
+        if n_trials is not None and mine >= n_trials:
+            reason = f"this worker's --n-trials {n_trials} reached"
             break
-        if opts.timeout is not None and time.monotonic() - started >= opts.timeout:
-            reason = f"this worker's --timeout {opts.timeout:g}s reached"
+        if timeout is not None and time.monotonic() - started >= timeout:
+            reason = f"this worker's --timeout {timeout:g}s reached"
             break
         if deadline is not None and time.time() >= deadline:
             reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"

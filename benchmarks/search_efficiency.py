@@ -1,0 +1,212 @@
+"""Search efficiency: wall-clock time until the best validation accuracy reaches a target, and the
+best accuracy reached within a fixed budget, for
+
+- **hpsearch**: `hpsearch worker` with the default study (`studies/mnist-idx.toml`: the cnn search
+  space, TPE, median pruning, early stopping), one worker, a fresh SQLite storage;
+- **random search, seed-style**: what a user would otherwise write: the same search space sampled
+  at random (Optuna's RandomSampler over the same `suggest_hparams`), every trial trained for
+  `max_epochs` with the tutorial loop (`benchmarks/seedstyle.py`: PIL transforms in a DataLoader,
+  plain optimizers, ReduceLROnPlateau as in the seed document), no pruning, no early stopping.
+
+Both use the same split of the same files, the same number of CPU threads, and start their clock
+before loading the data. The contenders alternate in every repeat so machine noise hits them alike.
+
+    uv run python benchmarks/search_efficiency.py --data-dir ../shared/data/mnist-t10k
+    uv run python benchmarks/search_efficiency.py --data-dir ../shared/data/mnist-t10k --quick  # CI smoke
+
+Prints a table and writes JSON (--json) with every run's timeline (seconds, val accuracy, trial).
+A run that misses the target within the budget counts as "> budget" (a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import optuna
+import torch
+from rich.console import Console
+
+from hpsearch.config import StudyConfig, load_config
+from hpsearch.data import crop_size, load_search_data
+from hpsearch.model import ModelSpec
+from hpsearch.objective import Progress, suggest_hparams
+from hpsearch.progress import Display
+from hpsearch.study import make_sampler
+from hpsearch.worker import WorkerOptions, run_worker
+
+import seedstyle  # benchmarks/seedstyle.py: the tutorial-style baseline
+from machine import machine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    contender: str
+    repeat: int
+    budget_s: float
+    timeline: list[tuple[float, float, int]] = field(default_factory=list)  # (s, val acc, trial)
+    trials: int = 0
+    epochs: int = 0
+    params: list[dict] = field(default_factory=list)  # of each trial, in order
+
+    def time_to(self, target: float) -> float | None:
+        return next((t for t, acc, _ in self.timeline if acc >= target and t <= self.budget_s), None)
+
+    def best_in_budget(self) -> float:
+        return max((acc for t, acc, _ in self.timeline if t <= self.budget_s), default=0.0)
+
+
+def hpsearch_run(cfg: StudyConfig, data_dir: str, seed: int, budget: float, workdir: Path) -> Run:
+    run = Run("hpsearch", seed, budget)
+    start = time.perf_counter()
+
+    class Timeline(Display):
+        """The worker's own display, quiet, noting every epoch's validation accuracy."""
+
+        def progress(self, p: Progress) -> None:
+            run.timeline.append((time.perf_counter() - start, p.val_accuracy, p.trial))
+            run.epochs += 1
+            super().progress(p)
+
+    cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"seed": seed})})
+    url = f"sqlite:///{workdir / f'hpsearch-{seed}.db'}"
+    # `timeout` is checked between trials, so the last trial may overrun: epochs after the budget
+    # are not counted (Run.time_to / best_in_budget), as for the seed-style loop.
+    summary = run_worker(WorkerOptions(cfg=cfg, storage_url=url, data_dir=data_dir, device="cpu", timeout=budget),
+                         Timeline(Console(file=io.StringIO()), live=False))
+    run.trials = summary.trials_run
+    study = optuna.load_study(study_name=cfg.study.name, storage=url)
+    run.params = [t.params for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    return run
+
+
+def random_seed_style_run(cfg: StudyConfig, data_dir: str, seed: int, budget: float) -> Run:
+    run = Run("random, seed-style", seed, budget)
+    start = time.perf_counter()
+    device = torch.device("cpu")
+    data = load_search_data(cfg.data, data_dir, device)
+    crop = crop_size(data.image_shape, cfg.training.crop_margin)
+    # An in-memory study only to draw from the same space. `make_sampler` derives the seed as it
+    # does for hpsearch's TPE, whose first `n_startup_trials` draws come from a RandomSampler with
+    # that seed: both contenders try the same first configurations (a paired comparison), and
+    # then hpsearch models while this one keeps drawing at random.
+    sampler = make_sampler(cfg.sampler.model_copy(update={"type": "random", "seed": seed}))
+    sampler_study = optuna.create_study(sampler=sampler)
+    t = cfg.training
+    while time.perf_counter() - start < budget:
+        trial = sampler_study.ask()
+        hp = suggest_hparams(trial, cfg.search)
+        run.params.append(dict(trial.params))
+        torch.manual_seed(seed * 1_000_003 + trial.number)
+        spec = ModelSpec(data.image_shape[0], data.num_classes, crop, hp.conv1_channels, hp.conv2_channels,
+                         hp.dropout)
+        model = seedstyle.tutorial_cnn(spec).to(device)
+        optimizer = seedstyle.tutorial_optimizer(hp, model.parameters())
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=t.plateau_factor, patience=t.plateau_patience)
+        train_loader, val_loader = seedstyle.loaders(data.train, data.val, data.normalizer, crop, hp.batch_size)
+        run.trials += 1
+        best = math.inf
+        for _ in range(t.max_epochs):
+            seedstyle.train_epoch(model, optimizer, train_loader, device)
+            val_loss, val_acc = seedstyle.evaluate(model, val_loader, device)
+            scheduler.step(val_loss)
+            run.timeline.append((time.perf_counter() - start, val_acc, trial.number))
+            run.epochs += 1
+            best = min(best, val_loss) if math.isfinite(val_loss) else best
+            if time.perf_counter() - start >= budget:
+                break
+        sampler_study.tell(trial, best if math.isfinite(best) else None,
+                           state=None if math.isfinite(best) else optuna.trial.TrialState.FAIL)
+    return run
+
+
+def summarize(runs: list[Run], contender: str, target: float, budget: float) -> dict:
+    mine = [r for r in runs if r.contender == contender]
+    times = [r.time_to(target) for r in mine]
+    # A miss is "> budget": as a lower bound it still orders correctly in the median.
+    censored = [t if t is not None else math.inf for t in times]
+    med = statistics.median(censored)
+    return dict(
+        contender=contender,
+        time_to_target_s=times,
+        median_time_to_target_s=None if math.isinf(med) else med,
+        reached=sum(t is not None for t in times),
+        best_in_budget=[r.best_in_budget() for r in mine],
+        median_best_in_budget=statistics.median(r.best_in_budget() for r in mine),
+        trials=[r.trials for r in mine],
+        epochs=[r.epochs for r in mine],
+        budget_s=budget,
+    )
+
+
+def _fmt_s(t: float | None, budget: float) -> str:
+    return f"> {budget:.0f}" if t is None else f"{t:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True, help="folder of IDX files (e.g. the MNIST test set)")
+    ap.add_argument("--study", type=Path, default=REPO / "studies" / "mnist-idx.toml",
+                    help="the study file hpsearch runs and whose search space both contenders use")
+    ap.add_argument("--target", type=float, default=0.985, help="validation accuracy to reach")
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one short repeat: checks the script runs")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+    if args.quick:
+        args.budget, args.repeats = 10.0, 1
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    cfg = load_config(args.study)
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="hpsearch-bench-") as tmp:
+        for rep in range(args.repeats):
+            order = ["hpsearch", "random"] if rep % 2 == 0 else ["random", "hpsearch"]
+            for who in order:
+                if who == "hpsearch":
+                    run = hpsearch_run(cfg, args.data_dir, rep, args.budget, Path(tmp))
+                else:
+                    run = random_seed_style_run(cfg, args.data_dir, rep, args.budget)
+                runs.append(run)
+                t = run.time_to(args.target)
+                print(f"repeat {rep} {run.contender:<20} to {args.target:.1%}: {_fmt_s(t, args.budget):>7} s   "
+                      f"best {run.best_in_budget():.2%}   {run.trials} trials, {run.epochs} epochs", flush=True)
+
+    rows = [summarize(runs, c, args.target, args.budget) for c in ("hpsearch", "random, seed-style")]
+    print()
+    print(f"{'contender':<22}{'to ' + format(args.target, '.1%') + ' (median s)':>24}{'reached':>9}"
+          f"{'best in ' + format(args.budget, '.0f') + ' s':>16}{'trials':>14}")
+    for row in rows:
+        print(f"{row['contender']:<22}{_fmt_s(row['median_time_to_target_s'], args.budget):>24}"
+              f"{row['reached']:>6}/{args.repeats}{row['median_best_in_budget']:>16.2%}"
+              f"{'/'.join(map(str, row['trials'])):>14}")
+    hp_t, rnd_t = rows[0]["median_time_to_target_s"], rows[1]["median_time_to_target_s"]
+    if hp_t is not None:
+        ratio = (rnd_t if rnd_t is not None else args.budget) / hp_t
+        print(f"hpsearch is {'> ' if rnd_t is None else ''}{ratio:.1f}x faster to {args.target:.1%} (medians)")
+    else:
+        ratio = None
+        print(f"hpsearch did not reach {args.target:.1%} within {args.budget:.0f} s in most repeats")
+    if args.json:
+        args.json.write_text(json.dumps(dict(
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            machine=machine(), threads=torch.get_num_threads(),
+            study=str(args.study), target=args.target, budget_s=args.budget, repeats=args.repeats,
+            speedup=ratio, speedup_is_lower_bound=rnd_t is None, summary=rows,
+            runs=[asdict(r) for r in runs]), indent=2))
+
+
+if __name__ == "__main__":
+    main()
