@@ -51,7 +51,7 @@ from hpsearch.config import StorageConfig, load_config
 from hpsearch.objective import suggest_hparams
 from hpsearch.progress import Display
 from hpsearch.signals import StopRequest
-from hpsearch.storage import open_storage
+from hpsearch.storage import open_storage, set_user_attrs
 from hpsearch.study import open_study
 from hpsearch.worker import trial_loop
 
@@ -234,8 +234,7 @@ class TrivialObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         hp = suggest_hparams(trial, self.cfg.search)
-        for k, v in trivial_attrs(hp).items():
-            trial.set_user_attr(k, v)
+        set_user_attrs(trial, trivial_attrs(hp))  # as hpsearch.objective does: one transaction
         loss = made_up_loss(hp)
         for epoch in range(1, self.epochs + 1):
             trial.set_user_attr("epoch_checkpoint", {"artifact": "-", "trial": trial.number, "epoch": epoch})
@@ -245,8 +244,7 @@ class TrivialObjective:
         ended = {"epochs": self.epochs, "epochs_trained": self.epochs, "samples_per_s": 0.0,
                  "stop_reason": f"reached max_epochs={self.epochs}", "val_accuracy": 0.9,
                  "best_epoch": self.epochs, "best_weights": "-"}
-        for k, v in ended.items():
-            trial.set_user_attr(k, v)
+        set_user_attrs(trial, ended)
         return loss
 
 

@@ -62,5 +62,6 @@ def test_scaling_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_dir:
     assert all(run["trials"] == 2 for run in doc["throughput"]["runs"])
     rows = doc["overhead"]
     assert [row["existing"] for row in rows] == [0, 20]
-    # Every new trial of the trivial objective finished, on top of the existing ones.
-    assert all(row["trials"] == 6 and row["median_ms"] > 0 for row in rows)
+    # Every new trial of the trivial objective finished, on top of the existing ones (a budget
+    # may overshoot by up to workers - 1: the README's "Budget across workers").
+    assert all(6 <= row["trials"] <= 7 and row["median_ms"] > 0 for row in rows)

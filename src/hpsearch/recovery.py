@@ -57,15 +57,17 @@ class Sweeper:
         self._last = -math.inf
         self._no_beat_since: dict[int, float] = {}  # trial id -> when this worker first saw it
 
-    def sweep(self) -> None:
+    def sweep(self) -> bool:
+        """Fail stale trials (and queue their copies); False when skipped as too soon."""
         now = time.monotonic()
         if now - self._last < self.min_interval:
-            return
+            return False
         self._last = now
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.study)
         self._sweep_never_beat()
+        return True
 
     def _sweep_never_beat(self) -> None:
         study_id = self.study._study_id

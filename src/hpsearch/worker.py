@@ -33,7 +33,7 @@ from hpsearch.progress import Display
 from hpsearch.recovery import Sweeper, requeue
 from hpsearch.signals import StopRequest
 from hpsearch.storage import artifact_store, open_storage, redact
-from hpsearch.study import budget_state, check_split, open_study, study_deadline
+from hpsearch.study import BudgetState, budget_state, check_split, open_study, study_deadline
 from hpsearch.train import Interrupted
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
@@ -146,6 +146,7 @@ def trial_loop(
     started = time.monotonic()
     mine = 0
     waiting = False
+    after_last: BudgetState | None = None
     while True:
         if stop.requested:
             reason = f"stopped by {stop.signal_name}"
@@ -159,8 +160,11 @@ def trial_loop(
         if deadline is not None and time.time() >= deadline:
             reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
             break
-        sweeper.sweep()
-        budget = budget_state(study, cfg.budget.n_trials)
+        swept = sweeper.sweep()
+        # The count taken just after this worker's last trial (for the display) is as current as
+        # a new one, unless a sweep has failed trials since: one query less per trial.
+        budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
+        after_last = None
         if not budget.may_start:
             if budget.running == 0:
                 reason = f"study budget reached ({budget.finished} finished)"
@@ -195,7 +199,8 @@ def trial_loop(
         if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
             requeue(study, trial)
             display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
-        display.trial_done(study, trial, budget_state(study, cfg.budget.n_trials))
+        after_last = budget_state(study, cfg.budget.n_trials)
+        display.trial_done(study, trial, after_last)
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
 
