@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -11,6 +12,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import hpsearch_cmd, write_study
+from hpsearch.config import load_config
+from hpsearch.recovery import Sweeper
+from hpsearch.storage import open_storage
+from hpsearch.study import open_study
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +69,33 @@ def test_workers_racing_to_create_a_new_sqlite_file_all_succeed(tmp_path: Path) 
         for p in procs:
             p.join(120)
         assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_sweep_fails_stale_trials_and_runs_at_most_once_per_interval(tmp_path: Path) -> None:
+    cfg = load_config(write_study(tmp_path / "sweep.toml", "sweep", heartbeat_interval=1, grace_period=2))
+    storage = open_storage(f"sqlite:///{tmp_path / 'hpsearch.db'}", cfg.storage)
+    study = open_study(cfg, storage)
+
+    def stale_trial() -> int:
+        trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)  # one beat, then silence: a dead worker
+        return trial.number
+
+    def state(number: int) -> TrialState:
+        return study.get_trials(deepcopy=False)[number].state
+
+    first = stale_trial()
+    time.sleep(3)  # past the grace period
+    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=60)
+    assert sweeper.sweep() is True  # the first sweep always looks
+    assert state(first) == TrialState.FAIL
+    assert any(t.state == TrialState.WAITING for t in study.get_trials(deepcopy=False))  # its copy
+
+    second = stale_trial()
+    time.sleep(3)
+    assert sweeper.sweep() is False  # within min_interval of the last one: it does not look
+    assert state(second) == TrialState.RUNNING
+    sweeper.min_interval = 0
+    assert sweeper.sweep() is True
+    assert state(second) == TrialState.FAIL
