@@ -53,6 +53,16 @@ _positive_float = _number(float, "a positive number", lambda v: v > 0)
 _port = _number(int, "a port number in 1..65535", lambda v: 1 <= v <= 65535)
 
 
+ARTIFACTS_HELP = "checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ beside the SQLite file)"
+
+
+def _add_training_options(p: argparse.ArgumentParser, data_root: str) -> None:
+    """--device, --data-dir and --artifacts: the same for every command that trains."""
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--data-dir", metavar="DIR", help=f"dataset folder (default: $HPSEARCH_DATA_DIR, else {data_root})")
+    p.add_argument("--artifacts", metavar="DIR", help=ARTIFACTS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Shared options may come before or after the command; SUPPRESS keeps a subcommand's default
     # from overwriting a value given before it (`hpsearch --debug worker ...`).
@@ -87,12 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--n-trials", type=_positive_int, metavar="N", help="run at most N trials in this worker")
     w.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                    help="start no new trial after this many seconds")
-    w.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    w.add_argument("--data-dir", metavar="DIR",
-                   help="dataset folder (default: $HPSEARCH_DATA_DIR, else data.root of the study file)")
-    w.add_argument("--artifacts", metavar="DIR",
-                   help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
-                   "beside the SQLite file)")
+    _add_training_options(w, data_root="data.root of the study file")
     w.add_argument("--threads", type=_positive_int, metavar="N",
                    help="CPU threads for PyTorch, per worker process (default: all cores, divided "
                    "between the processes with --processes)")
@@ -120,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 exposes it to the network)")
     d.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
-    d.add_argument("--artifacts", metavar="DIR",
-                   help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
-                   "beside the SQLite file)")
+    d.add_argument("--artifacts", metavar="DIR", help=ARTIFACTS_HELP)
 
     f = sub.add_parser(
         "finalize", parents=[common],
@@ -144,12 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true",
                    help="evaluate on the test split again although it was used before (recorded)")
     f.add_argument("--out", default="reports", metavar="DIR", help="reports go to DIR/<study>/ (default: reports)")
-    f.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:N")
-    f.add_argument("--data-dir", metavar="DIR",
-                   help="dataset folder (default: $HPSEARCH_DATA_DIR, else data.root of the study's config)")
-    f.add_argument("--artifacts", metavar="DIR",
-                   help="checkpoint store (default: $HPSEARCH_ARTIFACTS, else <db>-artifacts/ "
-                   "beside the SQLite file)")
+    _add_training_options(f, data_root="data.root of the study's config")
     return parser
 
 
