@@ -288,8 +288,7 @@ def populate(url: str, name: str, n: int) -> float:
     for _ in range(n):
         t = scratch.ask()
         hp = suggest_hparams(t, cfg.search)
-        for k, v in trivial_attrs(hp).items():
-            t.set_user_attr(k, v)
+        set_user_attrs(t, trivial_attrs(hp))
         loss = made_up_loss(hp)
         for epoch in (1, 2, 3):
             t.report(loss * (1 + 1 / epoch), epoch)

@@ -3,7 +3,7 @@
 conv(5x5) -> ReLU -> max-pool(2) -> conv(5x5) -> ReLU -> max-pool(2) -> dropout -> linear.
 The layers run as conv -> max-pool -> ReLU: the same function (ReLU is monotonic, so it commutes
 with max) and the same gradients, but the ReLU and its backward touch a quarter of the values.
-That alone made a training epoch ~1.4x faster on the CPU (BENCHMARKS.md).
+That alone made a training epoch ~1.7x faster on the CPU (BENCHMARKS.md).
 It returns logits: `nn.CrossEntropyLoss` applies log-softmax itself (the seed's Softmax layer
 before it would be wrong).
 """
