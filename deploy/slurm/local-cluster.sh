@@ -43,7 +43,7 @@ node_idle() {
 }
 
 install_packages() {
-  if command -v slurmctld >/dev/null && command -v munged >/dev/null; then return; fi
+  if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/munged ]; then return; fi
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge
 }
