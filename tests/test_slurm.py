@@ -178,8 +178,10 @@ def test_scancel_of_one_task_requeues_its_trial_and_the_other_task_resumes_it(tm
     assert "SIGTERM: stopping the running trial" in (tmp_path / f"slurm-{job}_{task}.out").read_text()
     counted = budget_counted(ts)
     assert len(counted) == budget and all(t.state == TrialState.COMPLETE for t in counted), out
-    print(f"scancel -> trial {victim.number} failed and re-queued after {requeued_after:.1f} s; "
-          f"copy {copy.number} resumed after epoch {copy.user_attrs['resumed_from_epoch']} on task {1 - task}")
+    resumed_after = copy.datetime_start.timestamp() - cancelled_at
+    print(f"scancel -> trial {victim.number} failed and re-queued after {requeued_after:.2f} s; copy "
+          f"{copy.number} started {resumed_after:.2f} s after scancel on task {1 - task}, resumed after epoch "
+          f"{copy.user_attrs['resumed_from_epoch']}")
 
 
 def _run_script(tmp_path: Path, storage: Path) -> subprocess.CompletedProcess:
@@ -189,7 +191,7 @@ def _run_script(tmp_path: Path, storage: Path) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644], ids=oct)
 def test_storage_file_readable_by_others_is_refused(tmp_path, mode):
     storage = tmp_path / "storage"
     storage.write_text(f"postgresql+psycopg2://hpsearch:{PASSWORD}@db:5432/hpsearch\n")
