@@ -111,8 +111,8 @@ stop_daemons() {
 
 case "${1:-up}" in
   up)
-    need_root
     if command -v sinfo >/dev/null && node_idle; then echo "local-cluster.sh: already up"; exit 0; fi
+    need_root
     install_packages
     write_conf
     start_daemons
