@@ -5,8 +5,9 @@ and the real MNIST test set.
 
 What is checked: a 2-task array runs a study to its budget with both tasks taking trials, the
 storage URL's password on no command line and in no log; `scancel` of one task mid-trial fails and
-re-queues its trial at once and the other task resumes it from the epoch checkpoint; the script
-refuses a storage file others can read, with one line and exit code 2. Every job submitted is
+re-queues its trial at once and the other task resumes it from the epoch checkpoint; the time
+limit's early SIGTERM (--signal) stops a worker cleanly before the limit; the scripts refuse a
+storage file others can read, with one line and exit code 2. Every job submitted is
 cancelled at the end, also when a test fails.
 """
 
@@ -27,6 +28,7 @@ from test_postgres import budget_counted, pg_url, trials, write_study  # noqa: F
 pytestmark = pytest.mark.slurm
 
 SCRIPT = REPO / "deploy" / "slurm" / "hpsearch-worker.sbatch"
+PROXY = REPO / "deploy" / "slurm" / "hpsearch-proxy.sbatch"
 CLUSTER = REPO / "deploy" / "slurm" / "local-cluster.sh"
 HPSEARCH = Path(sys.executable).parent / "hpsearch"  # the venv's entry point, as a user would set it
 PASSWORD = "not-a-real-password-7f3a"  # trust auth ignores it; it must show up nowhere
@@ -53,10 +55,10 @@ class Jobs:
                         HPSEARCH_DATA_DIR=str(mnist), HPSEARCH_ARTIFACTS=str(tmp / "artifacts"),
                         PYTHONUNBUFFERED="1")
 
-    def submit(self, study: Path, tasks: int) -> str:
+    def submit(self, study: Path, tasks: int, *options: str) -> str:
         self.env["HPSEARCH_STUDY"] = str(study)
         r = subprocess.run(
-            ["sbatch", "--parsable", f"--array=0-{tasks - 1}", "--cpus-per-task=1", "--time=10",
+            ["sbatch", "--parsable", f"--array=0-{tasks - 1}", "--cpus-per-task=1", "--time=10", *options,
              f"--chdir={self.tmp}", f"--output={self.tmp}/slurm-%A_%a.out",
              str(SCRIPT), "--threads", "1"],
             env=self.env, capture_output=True, text=True, timeout=60)
@@ -184,23 +186,50 @@ def test_scancel_of_one_task_requeues_its_trial_and_the_other_task_resumes_it(tm
           f"{copy.user_attrs['resumed_from_epoch']}")
 
 
-def _run_script(tmp_path: Path, storage: Path) -> subprocess.CompletedProcess:
+def test_time_limit_signal_stops_the_worker_cleanly(tmp_path, jobs):
+    # --signal=TERM@N (as in the script, with a shorter time) reaches the worker N s before the
+    # 1-minute limit, mid-trial: it re-queues the trial with its checkpoint and exits 0 in time.
+    name = "slurm-timelimit"
+    study = write_study(tmp_path / "timelimit.toml", name, n_trials=2, max_epochs=200)
+    job = jobs.submit(study, 1, "--time=1", "--signal=TERM@35")
+    jobs.wait(job, timeout=180)
+
+    out = jobs.output()
+    assert "SIGTERM: stopping the running trial" in out and "stopped by SIGTERM" in out, out
+    r = subprocess.run(["scontrol", "show", "job", f"{job}_0"], capture_output=True, text=True, timeout=30)
+    assert "JobState=COMPLETED" in r.stdout, r.stdout + out  # not TIMEOUT: it stopped before the limit
+    ts = trials(jobs.url, name)
+    stopped = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(stopped) == 1, out
+    copy = next(t for t in ts if t.system_attrs.get("retry_history") == [stopped[0].number])
+    assert copy.state == TrialState.WAITING and copy.user_attrs["epoch_checkpoint"]["epoch"] >= 1
+
+
+def _run_script(tmp_path: Path, storage: Path, script: Path = SCRIPT, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
-    env.update(HPSEARCH_STORAGE_FILE=str(storage), HPSEARCH_STUDY="cnn", HPSEARCH_CMD=str(HPSEARCH))
-    return subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    env.update(HPSEARCH_STORAGE_FILE=str(storage), HPSEARCH_STUDY="cnn", HPSEARCH_CMD=str(HPSEARCH), **env_extra)
+    return subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
 
 
+@pytest.mark.parametrize("script", [SCRIPT, PROXY], ids=lambda p: p.name)
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644], ids=oct)
-def test_storage_file_readable_by_others_is_refused(tmp_path, mode):
+def test_storage_file_readable_by_others_is_refused(tmp_path, mode, script):
     storage = tmp_path / "storage"
     storage.write_text(f"postgresql+psycopg2://hpsearch:{PASSWORD}@db:5432/hpsearch\n")
     storage.chmod(mode)
-    r = _run_script(tmp_path, storage)
+    r = _run_script(tmp_path, storage, script)
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"hpsearch-worker.sbatch: error: {storage} is readable by others "
+    assert r.stderr.strip() == (f"{script.name}: error: {storage} is readable by others "
                                 f"(mode {mode:o}); run: chmod 600 {storage}")
     assert PASSWORD not in r.stdout + r.stderr
+
+
+def test_proxy_job_serves_postgresql_only(tmp_path):
+    r = _run_script(tmp_path, tmp_path / "unused", PROXY, HPSEARCH_STORAGE=f"sqlite:///{tmp_path}/x.db")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("hpsearch-proxy.sbatch: error: the proxy serves a PostgreSQL database; "
+                                "HPSEARCH_STORAGE is not a postgresql URL")
 
 
 def test_missing_or_foreign_storage_file_is_refused(tmp_path):
