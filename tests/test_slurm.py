@@ -5,7 +5,8 @@ and the real MNIST test set.
 
 What is checked: a 2-task array runs a study to its budget with both tasks taking trials, the
 storage URL's password on no command line and in no log; `scancel` of one task mid-trial fails and
-re-queues its trial at once and the other task resumes it from the epoch checkpoint; the time
+re-queues its trial at once and the other task resumes it from the epoch checkpoint; so does
+preemption by a job of a higher partition; the time
 limit's early SIGTERM (--signal) stops a worker cleanly before the limit; the scripts refuse a
 storage file others can read, with one line and exit code 2. Every job submitted is
 cancelled at the end, also when a test fails.
@@ -184,6 +185,64 @@ def test_scancel_of_one_task_requeues_its_trial_and_the_other_task_resumes_it(tm
     print(f"scancel -> trial {victim.number} failed and re-queued after {requeued_after:.2f} s; copy "
           f"{copy.number} started {resumed_after:.2f} s after scancel on task {1 - task}, resumed after epoch "
           f"{copy.user_attrs['resumed_from_epoch']}")
+
+
+def _poll(predicate, what: str, jobs: Jobs, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}:\n{jobs.output()}")
+
+
+def test_preemption_stops_a_task_cleanly_and_the_other_resumes_its_trial(tmp_path, jobs):
+    # local-cluster.sh's partition `urgent` preempts `debug` (PreemptMode=REQUEUE, GraceTime=30):
+    # a job there takes the CPU of one of the two worker tasks, whose worker gets SIGTERM.
+    name, budget = "slurm-preempt", 2
+    study = write_study(tmp_path / "preempt.toml", name, n_trials=budget, max_epochs=12)
+    job = jobs.submit(study, 2)
+
+    def both_checkpointed():
+        try:
+            ts = trials(jobs.url, name)
+        except KeyError:
+            return None
+        running = [t for t in ts if t.state == TrialState.RUNNING and t.user_attrs.get("epoch_checkpoint")]
+        return running if len(running) == 2 else None
+
+    _poll(both_checkpointed, "two running trials with epoch checkpoints", jobs)
+    submitted = time.time()
+    r = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=1", "--time=5",
+                        f"--output={tmp_path}/urgent-%j.out", "--wrap", "sleep 5"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobs.ids.append(r.stdout.strip())
+
+    def budget_met():
+        counted = budget_counted(trials(jobs.url, name))
+        return len(counted) >= budget and all(t.state == TrialState.COMPLETE for t in counted)
+
+    _poll(budget_met, "the budget to be met", jobs)
+    out = jobs.output()
+    ts = trials(jobs.url, name)
+    stopped = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(stopped) == 1, out
+    victim = stopped[0]
+    copy = next(t for t in ts if t.user_attrs.get("resumed_from_trial") == victim.number)
+    assert copy.state == TrialState.COMPLETE and copy.user_attrs["resumed_from_epoch"] >= 1, out
+    assert copy.user_attrs["worker_index"] != victim.user_attrs["worker_index"], "the other task resumes it"
+    preempted = (tmp_path / f"slurm-{job}_{victim.user_attrs['worker_index']}.out").read_text()
+    assert "SIGTERM: stopping the running trial" in preempted and "second SIGTERM" not in preempted, preempted
+    # The worker stopped within the GraceTime, so Slurm had nothing left to kill and requeue: the
+    # task simply ended, with exit code 0.
+    r = subprocess.run(["scontrol", "show", "job", f"{job}_{victim.user_attrs['worker_index']}"],
+                       capture_output=True, text=True, timeout=30)
+    assert "JobState=COMPLETED" in r.stdout and "ExitCode=0:0" in r.stdout, r.stdout
+    print(f"preemption -> trial {victim.number} failed and re-queued "
+          f"{victim.datetime_complete.timestamp() - submitted:.2f} s after the urgent job's sbatch; copy "
+          f"{copy.number} resumed after epoch {copy.user_attrs['resumed_from_epoch']}")
 
 
 def test_time_limit_signal_stops_the_worker_cleanly(tmp_path, jobs):

@@ -18,6 +18,9 @@
 #                         also works once a gres.conf lists the GPUs; this machine has none)
 #   KillWait=60           seconds between SIGTERM and SIGKILL on scancel or time limit: a worker
 #                         needs a few seconds to fail and re-queue its trial
+#   partition `urgent`    a higher priority tier on the same node: a job there preempts jobs of
+#                         `debug` (PreemptMode=REQUEUE: SIGTERM, GraceTime=30 s, then SIGKILL; the
+#                         preempted job is queued again), for trying preemption
 # A real cluster's admins own slurm.conf; nothing here is needed there.
 set -euo pipefail
 
@@ -48,15 +51,10 @@ install_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge
 }
 
-write_conf() {
-  if [ -f "$CONF" ] && ! grep -qF "$MARK" "$CONF"; then
-    echo "local-cluster.sh: keeping the existing $CONF (not written by this script)"
-    return
-  fi
+conf_text() {
   local mem_mb
   mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
-  mkdir -p /etc/slurm "$STATE" "$SPOOL" "$LOGS"
-  cat >"$CONF" <<EOF
+  cat <<EOF
 $MARK
 ClusterName=local
 SlurmctldHost=$NODE
@@ -74,6 +72,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
 KillWait=60
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 StateSaveLocation=$STATE
 SlurmdSpoolDir=$SPOOL
 SlurmctldPidFile=/run/slurmctld.pid
@@ -81,8 +81,22 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
 SlurmdLogFile=$LOGS/slurmd.log
 NodeName=$NODE CPUs=$(nproc) RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
+}
+
+conf_current() {
+  # Ours and up to date, or someone else's (which is left alone).
+  [ -f "$CONF" ] && { ! grep -qF "$MARK" "$CONF" || [ "$(cat "$CONF")" = "$(conf_text)" ]; }
+}
+
+write_conf() {
+  if conf_current; then return; fi
+  mkdir -p /etc/slurm "$STATE" "$SPOOL" "$LOGS"
+  conf_text >"$CONF"
+  # Daemons running on an older version of it start again with this one.
+  stop_slurm
 }
 
 start_daemons() {
@@ -101,17 +115,28 @@ start_daemons() {
   exit 1
 }
 
-stop_daemons() {
-  local pidfile
-  for pidfile in /run/slurmd.pid /run/slurmctld.pid; do
-    if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; fi
+stop_pidfile() {
+  # Stop the daemon whose pid is in $1 and wait until it has exited (slurmctld saves its state).
+  local pid
+  [ -f "$1" ] || return 0
+  pid=$(cat "$1")
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 60); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.5
   done
-  if [ -f /run/munge/munged.pid ]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true; fi
+  echo "local-cluster.sh: pid $pid ($1) did not exit in 30 s" >&2
+  exit 1
+}
+
+stop_slurm() {
+  stop_pidfile /run/slurmd.pid
+  stop_pidfile /run/slurmctld.pid
 }
 
 case "${1:-up}" in
   up)
-    if command -v sinfo >/dev/null && node_idle; then echo "local-cluster.sh: already up"; exit 0; fi
+    if command -v sinfo >/dev/null && conf_current && node_idle; then echo "local-cluster.sh: already up"; exit 0; fi
     need_root
     install_packages
     write_conf
@@ -122,7 +147,8 @@ case "${1:-up}" in
     ;;
   stop)
     need_root
-    stop_daemons
+    stop_slurm
+    stop_pidfile /run/munge/munged.pid
     ;;
   *)
     echo "usage: local-cluster.sh [up|status|stop]" >&2
