@@ -6,10 +6,9 @@ and the real MNIST test set.
 What is checked: a 2-task array runs a study to its budget with both tasks taking trials, the
 storage URL's password on no command line and in no log; `scancel` of one task mid-trial fails and
 re-queues its trial at once and the other task resumes it from the epoch checkpoint; so does
-preemption by a job of a higher partition; the time
-limit's early SIGTERM (--signal) stops a worker cleanly before the limit; the scripts refuse a
-storage file others can read, with one line and exit code 2. Every job submitted is
-cancelled at the end, also when a test fails.
+preemption by a job of a higher partition; the time limit's early SIGTERM (--signal) stops a
+worker cleanly before the limit; the scripts refuse a storage file others can read, with one line
+and exit code 2. Every job submitted is cancelled at the end, also when a test fails.
 """
 
 from __future__ import annotations
