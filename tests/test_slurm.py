@@ -186,6 +186,27 @@ def test_scancel_of_one_task_requeues_its_trial_and_the_other_task_resumes_it(tm
           f"{copy.user_attrs['resumed_from_epoch']}")
 
 
+def test_each_task_gets_its_own_worker_index_and_gpu(tmp_path, jobs):
+    # What the script hands to `hpsearch worker`, recorded by a stand-in executable: the script's
+    # own plumbing (indices across the array, GPUs round-robin, extra options, the URL only in
+    # the environment). Slurm leaves CUDA_VISIBLE_DEVICES alone without --gres, as set here.
+    fake = tmp_path / "fake-hpsearch"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'echo "$SLURM_ARRAY_TASK_ID $SLURM_PROCID $* | ${HPSEARCH_STORAGE%%:*}" '
+                    '>"$HPSEARCH_RECORD/$SLURM_ARRAY_TASK_ID-$SLURM_PROCID"\n')
+    fake.chmod(0o755)
+    (tmp_path / "record").mkdir()
+    jobs.env.update(HPSEARCH_CMD=str(fake), HPSEARCH_RECORD=str(tmp_path / "record"), CUDA_VISIBLE_DEVICES="4,6")
+    job = jobs.submit(tmp_path / "study.toml", 2, "--ntasks=2")
+    jobs.wait(job, timeout=120)
+    lines = sorted(p.read_text().strip() for p in (tmp_path / "record").iterdir())
+    assert lines == [
+        f"{a} {t} worker --study {tmp_path}/study.toml --worker-index {2 * a + t} --device cuda:{t} "
+        f"--threads 1 | postgresql+psycopg2"
+        for a in (0, 1) for t in (0, 1)
+    ], jobs.output()
+
+
 def _poll(predicate, what: str, jobs: Jobs, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
