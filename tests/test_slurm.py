@@ -221,7 +221,7 @@ def test_preemption_stops_a_task_cleanly_and_the_other_resumes_its_trial(tmp_pat
     # local-cluster.sh's partition `urgent` preempts `debug` (PreemptMode=REQUEUE, GraceTime=30):
     # a job there takes the CPU of one of the two worker tasks, whose worker gets SIGTERM.
     name, budget = "slurm-preempt", 2
-    study = write_study(tmp_path / "preempt.toml", name, n_trials=budget, max_epochs=12)
+    study = write_study(tmp_path / "preempt.toml", name, n_trials=budget, max_epochs=16)
     job = jobs.submit(study, 2)
 
     def both_checkpointed():
