@@ -266,11 +266,16 @@ def test_preemption_stops_a_task_cleanly_and_the_other_resumes_its_trial(tmp_pat
 
 
 def test_time_limit_signal_stops_the_worker_cleanly(tmp_path, jobs):
-    # --signal=TERM@N (as in the script, with a shorter time) reaches the worker N s before the
-    # 1-minute limit, mid-trial: it re-queues the trial with its checkpoint and exits 0 in time.
+    # --signal=TERM@N (as in the script, with shorter times) reaches the worker before the time
+    # limit, mid-trial: it re-queues the trial with its checkpoint and exits 0 in time. Slurm may
+    # send it up to 60 s early, so the limit is cut to 1 minute only once a trial is running.
     name = "slurm-timelimit"
     study = write_study(tmp_path / "timelimit.toml", name, n_trials=2, max_epochs=200)
-    job = jobs.submit(study, 1, "--time=1", "--signal=TERM@35")
+    job = jobs.submit(study, 1, "--signal=TERM@45")
+    _poll(lambda: _running_with_checkpoint(jobs.url, name), "a trial's first epoch checkpoint", jobs)
+    r = subprocess.run(["scontrol", "update", f"JobId={job}_0", "TimeLimit=1"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
     jobs.wait(job, timeout=180)
 
     out = jobs.output()
