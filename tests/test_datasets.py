@@ -200,6 +200,8 @@ def test_a_class_of_three_images_is_warned_about_at_load_and_in_the_report(tmp_p
     counts = result["data"]["counts"]["2"]
     assert sum(counts.values()) == 3 and 0 in counts.values()
     assert len(result["data"]["warnings"]) == 1 and "'2'" in result["data"]["warnings"][0]
+    report_md = (tmp_path / "reports" / "tiny-class" / "report.md").read_text()
+    assert "class '2' has 3 image(s)" in report_md
 
 
 # --- data that is refused, with nothing written -----------------------------------------------
