@@ -30,6 +30,9 @@ ENV HPSEARCH_GIT_COMMIT=${GIT_COMMIT}
 RUN useradd --create-home --uid 1000 hpsearch \
     && mkdir -p /artifacts /data \
     && chown hpsearch:hpsearch /artifacts /data
+# The cnn study's data (the MNIST copy shipped in the repository), where HPSEARCH_DATA_DIR points:
+# the default study runs with no download and no mount.
+COPY --chown=hpsearch:hpsearch datasets/mnist-t10k/ /data/
 USER hpsearch
 WORKDIR /home/hpsearch
 ENV HPSEARCH_ARTIFACTS=/artifacts \

@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("HPSEARCH_TEST_MNIST", REPO.parent / "shared" / "data" / "mnist-t10k"))
+# The MNIST test set shipped in the repository (the default study's data); HPSEARCH_TEST_MNIST
+# points the tests at another copy.
+MNIST_DIR = Path(os.environ.get("HPSEARCH_TEST_MNIST", REPO / "datasets" / "mnist-t10k"))
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.fail(
-            f"the real MNIST test set is missing at {MNIST_DIR}; put ../shared/data/mnist-t10k beside "
-            f"the repo or set HPSEARCH_TEST_MNIST"
+            f"the real MNIST test set is missing at {MNIST_DIR}; it ships in datasets/mnist-t10k "
+            f"(or set HPSEARCH_TEST_MNIST)"
         )
     return MNIST_DIR
 

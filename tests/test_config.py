@@ -37,8 +37,16 @@ def test_shipped_study_loads(name: str) -> None:
 def test_there_is_a_default_cnn_study() -> None:
     assert "cnn" in shipped_studies()
     cfg = load_config("cnn")
-    assert cfg.data.dataset == "fashion-mnist"
+    # The default study runs offline, on the MNIST test set shipped in the repository.
+    assert cfg.data.dataset == "idx"
+    assert (REPO / cfg.data.root / "t10k-images-idx3-ubyte.gz").is_file()
     assert cfg.data.split == (0.70, 0.15, 0.15)
+
+
+@pytest.mark.parametrize("name,dataset", [("fashion-mnist", "fashion-mnist"), ("kmnist", "kmnist"),
+                                          ("cifar10", "cifar10"), ("folder", "folder")])
+def test_each_dataset_kind_has_its_study(name: str, dataset: str) -> None:
+    assert load_config(name).data.dataset == dataset
 
 
 def test_minimal_file_gets_defaults(tmp_path: Path) -> None:

@@ -175,3 +175,116 @@ def test_random_crop_varies_between_images() -> None:
     out = random_crop(x, (24, 24), torch.Generator().manual_seed(0))
     offsets = {(out[b, 0, 0, 0] - x[b, 0, 0, 0]).item() for b in range(64)}
     assert len(offsets) > 5
+
+
+# --- layouts, labels, folders, class counts -----------------------------------------------------
+
+
+def test_idx4_files_are_found_and_either_layout_is_inferred(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    nchw = rng.integers(0, 256, (30, 3, 5, 7), dtype=np.uint8)
+    labels = (np.arange(30) % 3).astype(np.uint8)
+    for layout, on_disk in (("nchw", nchw), ("nhwc", nchw.transpose(0, 2, 3, 1))):
+        d = tmp_path / layout
+        d.mkdir()
+        write_idx(d / "c-images-idx4-ubyte.gz", np.ascontiguousarray(on_disk))
+        write_idx(d / "c-labels-idx1-ubyte.gz", labels)
+        assert find_idx_pairs(d) == [(d / "c-images-idx4-ubyte.gz", d / "c-labels-idx1-ubyte.gz")]
+        pool = load_pool(DataConfig(dataset="idx"), d)
+        torch.testing.assert_close(pool.images, torch.from_numpy(nchw))
+        # Said explicitly, the same.
+        torch.testing.assert_close(load_pool(DataConfig(dataset="idx", layout=layout), d).images, pool.images)
+
+
+def test_an_ambiguous_layout_must_be_named(tmp_path: Path) -> None:
+    x = np.random.default_rng(5).integers(0, 256, (30, 3, 6, 3), dtype=np.uint8)
+    write_idx(tmp_path / "a-images-idx4-ubyte", x)
+    write_idx(tmp_path / "a-labels-idx1-ubyte", (np.arange(30) % 2).astype(np.uint8))
+    with pytest.raises(DataError, match='set layout = "nhwc" or layout = "nchw"'):
+        load_pool(DataConfig(dataset="idx"), tmp_path)
+    assert load_pool(DataConfig(dataset="idx", layout="nhwc"), tmp_path).images.shape == (30, 3, 3, 6)
+    assert load_pool(DataConfig(dataset="idx", layout="nchw"), tmp_path).images.shape == (30, 3, 6, 3)
+
+
+def test_sparse_labels_are_numbered_and_keep_their_values(tmp_path: Path) -> None:
+    x = np.random.default_rng(6).integers(0, 256, (40, 4, 4), dtype=np.uint8)
+    raw = np.where(np.arange(40) % 2 == 0, 70000, 3).astype(np.int32)
+    write_idx(tmp_path / "s-images-idx3-ubyte", x)
+    write_idx(tmp_path / "s-labels-idx1-ubyte", raw)
+    pool = load_pool(DataConfig(dataset="idx"), tmp_path)
+    assert pool.classes == ("3", "70000")  # two outputs, not 70,001
+    assert pool.labels.tolist() == [1 if v == 70000 else 0 for v in raw]
+
+
+@pytest.mark.parametrize("labels,match", [
+    (np.full(30, 4, dtype=np.uint8), "every image has label 4"),
+    ((np.arange(30) % 3).astype(np.float64) + 0.7, "labels must be integer class numbers"),
+])
+def test_labels_that_cannot_train_a_classifier_are_refused(tmp_path: Path, labels, match) -> None:
+    write_idx(tmp_path / "b-images-idx3-ubyte", np.zeros((30, 4, 4), dtype=np.uint8))
+    write_idx(tmp_path / "b-labels-idx1-ubyte", labels)
+    with pytest.raises(DataError, match=match):
+        load_pool(DataConfig(dataset="idx"), tmp_path)
+
+
+def test_class_counts_warn_about_a_class_missing_from_a_part(tmp_path: Path) -> None:
+    images, labels = _toy((50, 30, 3))
+    write_idx(tmp_path / "t-images-idx4-ubyte", images.numpy())
+    write_idx(tmp_path / "t-labels-idx1-ubyte", labels.numpy().astype(np.uint8))
+    data = load_search_data(DataConfig(dataset="idx"), tmp_path, torch.device("cpu"))
+    counts = dict(zip(data.class_counts.classes, data.class_counts.counts))
+    assert counts["0"] == (35, 8, 7) and sum(counts["2"]) == 3
+    assert [w.split(" has ")[0] for w in data.class_counts.warnings] == ["class '2'"]
+    assert data.class_counts.to_dict()["counts"]["2"]["validation"] == 0
+
+
+def _write_pictures(root: Path, n: int = 12) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for k, name in enumerate(("cat", "dog", "owl")):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            size = (10 + i % 3, 9)  # mixed sizes: resized on load
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def test_image_folder_is_decoded_once_then_loaded_from_its_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HPSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "pictures"
+    _write_pictures(root)
+    cfg = DataConfig(dataset="folder", image_size=(8, 6))
+    first = load_pool(cfg, root)
+    assert first.images.shape == (36, 3, 8, 6) and first.images.dtype == torch.uint8
+    assert first.classes == ("cat", "dog", "owl") and first.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    cached = list((tmp_path / "cache" / "folders").glob("*.npz"))
+    assert len(cached) == 1 and not list((tmp_path / "cache" / "folders").glob(".tmp-*"))
+    # The next load reads the cache: same tensors, and the decoder is not called.
+    import hpsearch.imagefolder as imagefolder
+
+    monkeypatch.setattr(imagefolder, "decode_all", lambda *a: pytest.fail("decoded again"))
+    again = load_pool(cfg, root)
+    torch.testing.assert_close(again.images, first.images)
+    monkeypatch.undo()
+    # A changed file changes the key: decoded afresh, never a stale cache.
+    monkeypatch.setenv("HPSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    (root / "cat" / "0.jpg").write_bytes((root / "dog" / "0.jpg").read_bytes())
+    load_pool(cfg, root)
+    assert len(list((tmp_path / "cache" / "folders").glob("*.npz"))) == 2
+
+
+def test_image_folder_problems_are_one_line_data_errors(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HPSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "pictures"
+    _write_pictures(root)
+    with pytest.raises(DataError, match=r"set data.image_size = \[height, width\]"):
+        load_pool(DataConfig(dataset="folder"), root)  # mixed sizes and no image_size
+    (root / "owl" / "5.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot decode .*5.png"):
+        load_pool(DataConfig(dataset="folder", image_size=(8, 8)), root)
+    lone = tmp_path / "lone"
+    (lone / "only").mkdir(parents=True)
+    (lone / "only" / "a.png").write_bytes((root / "cat" / "1.png").read_bytes())
+    with pytest.raises(DataError, match="at least 2 classes"):
+        load_pool(DataConfig(dataset="folder"), lone)

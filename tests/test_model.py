@@ -24,6 +24,24 @@ def test_seed_shapes_and_counts() -> None:
     assert flops_per_sample(spec) == 2 * (20 * 20 * 32 * 25 + 6 * 6 * 64 * 32 * 25 + 576 * 10)
 
 
+@pytest.mark.parametrize("hw,padding,features", [
+    ((24, 24), 0, (3, 3)),  # the seed's network, unpadded
+    ((16, 16), 0, (1, 1)),  # the smallest input the unpadded network takes
+    ((15, 15), 2, (3, 3)),  # below it: "same" padding, only the poolings shrink
+    ((12, 12), 2, (3, 3)),
+    ((4, 4), 2, (1, 1)),  # the smallest input of all (8x8 images, crop_margin 4)
+    ((6, 9), 2, (1, 2)),
+])
+def test_padding_rule_fits_every_input_down_to_4x4(hw, padding, features) -> None:
+    spec = ModelSpec(1, 3, hw, 4, 8, 0.0)
+    assert spec.padding == padding and spec.feature_hw() == features
+    model = CNN(spec).eval()
+    assert model(torch.randn(2, 1, *hw)).shape == (2, 3)
+    # flops_per_sample follows the padded shapes: conv1 works on the full input when padded.
+    (h1, w1), _ = spec.conv_hw()
+    assert (h1, w1) == (hw if padding else (hw[0] - 4, hw[1] - 4))
+
+
 def test_too_small_input_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="too small"):
-        CNN(ModelSpec(1, 10, (12, 12), 8, 16, 0.0))
+        CNN(ModelSpec(1, 10, (3, 3), 8, 16, 0.0))

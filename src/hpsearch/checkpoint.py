@@ -45,6 +45,9 @@ class Checkpoint:
     epoch: int
     val_loss: float
     val_accuracy: float
+    # Class k's name: the original label value (IDX), folder or torchvision name. Older
+    # checkpoints lack it (their labels were 0..9 as stored).
+    classes: tuple[str, ...] = ()
 
     def to_payload(self) -> dict:
         return {
@@ -58,6 +61,7 @@ class Checkpoint:
             "epoch": self.epoch,
             "val_loss": self.val_loss,
             "val_accuracy": self.val_accuracy,
+            "classes": list(self.classes),
         }
 
     @staticmethod
@@ -74,6 +78,7 @@ class Checkpoint:
             epoch=p["epoch"],
             val_loss=p["val_loss"],
             val_accuracy=p["val_accuracy"],
+            classes=tuple(p.get("classes", ())),
         )
 
     def build_model(self, device: torch.device) -> CNN:

@@ -140,7 +140,12 @@ class SearchSpace(_Frozen):
 
 # --- the rest of the file -----------------------------------------------------------------------
 
-Dataset = Literal["mnist", "fashion-mnist", "kmnist", "cifar10", "idx"]
+Dataset = Literal["mnist", "fashion-mnist", "kmnist", "cifar10", "idx", "folder"]
+Side = Annotated[int, Field(ge=1)]
+
+# Keys added to [data] after studies were already stored: left out of the fingerprint while at
+# their defaults, so a study made before they existed is still joined by the same file.
+_NEW_DATA_KEYS = {"layout": "auto", "image_size": None, "channels": None}
 
 
 class DataConfig(_Frozen):
@@ -151,6 +156,12 @@ class DataConfig(_Frozen):
     labels: tuple[str, ...] = ()
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
     split_seed: int = 0
+    # idx: where the channels are in 4-dim image files ("auto": inferred where unambiguous).
+    layout: Literal["auto", "nhwc", "nchw"] = "auto"
+    # folder: every image resized to [height, width] (unset: all must share one size), and
+    # 1 (greyscale) or 3 (RGB) channels (unset: 1 when every image is grey, else 3).
+    image_size: tuple[Side, Side] | None = None
+    channels: Literal[1, 3] | None = None
 
     @field_validator("split")
     @classmethod
@@ -168,6 +179,10 @@ class DataConfig(_Frozen):
             )
         if self.dataset != "idx" and self.images:
             raise ValueError(f"images/labels are for dataset = 'idx', not {self.dataset!r}")
+        if self.dataset != "idx" and self.layout != "auto":
+            raise ValueError(f"layout is for dataset = 'idx', not {self.dataset!r}")
+        if self.dataset != "folder" and (self.image_size is not None or self.channels is not None):
+            raise ValueError(f"image_size/channels are for dataset = 'folder', not {self.dataset!r}")
         if not self.parts:
             raise ValueError("parts must name at least one of 'train', 'test'")
         return self
@@ -243,6 +258,9 @@ class StudyConfig(_Frozen):
         """Hash of what defines the search (data, space, training). Budget may change freely."""
         keep = self.model_dump(mode="json", include={"data", "search", "training"})
         keep["data"].pop("root", None)  # where the files are is per machine, not per search
+        for key, default in _NEW_DATA_KEYS.items():
+            if keep["data"].get(key, default) == default:
+                keep["data"].pop(key, None)
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

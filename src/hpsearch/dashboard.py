@@ -100,6 +100,9 @@ def study_note(cfg: StudyConfig, data: SearchData, meta: dict[str, Any] | None =
         "",
         "No worker loads the test part; only `hpsearch finalize` evaluates on it, once.",
         "",
+        f"Classes (original labels or folder names, in output order): {', '.join(data.classes)}.",
+        *(f"\n**Warning:** {w}" for w in data.class_counts.warnings),
+        "",
         "### Budget",
         "",
         f"- {b.n_trials} finished trials (complete, pruned or failed) across all workers"

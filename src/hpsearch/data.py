@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from hpsearch.config import DataConfig
 from hpsearch.errors import DataError
+from hpsearch.model import MIN_INPUT
 
 # --- IDX files (the MNIST family's format) ------------------------------------------------------
 
@@ -74,11 +76,15 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
         f.write(blob)
 
 
+IDX_IMAGES = re.compile(r"images-idx[34]-ubyte")
+
+
 def find_idx_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    """Every `*images-idx3-ubyte[.gz]` in `folder` with its `*labels-idx1-ubyte[.gz]`."""
+    """Every `*images-idx3-ubyte[.gz]` or `*images-idx4-ubyte[.gz]` in `folder` with its
+    `*labels-idx1-ubyte[.gz]`."""
     pairs = []
-    for img in sorted(folder.glob("*images-idx3-ubyte*")):
-        lab_name = img.name.replace("images-idx3-ubyte", "labels-idx1-ubyte")
+    for img in sorted(p for p in folder.iterdir() if IDX_IMAGES.search(p.name)):
+        lab_name = IDX_IMAGES.sub("labels-idx1-ubyte", img.name)
         candidates = [folder / lab_name, folder / lab_name.removesuffix(".gz"), folder / (lab_name + ".gz")]
         lab = next((c for c in candidates if c.is_file()), None)
         if lab is None:
@@ -87,17 +93,61 @@ def find_idx_pairs(folder: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+# Channel counts that `layout = "auto"` recognises: greyscale and RGB.
+_CHANNELS = (1, 3)
+
+
+def to_nchw(images: np.ndarray, layout: str, path: Path) -> np.ndarray:
+    """N x H x W, N x H x W x C or N x C x H x W images as N x C x H x W.
+
+    A 4-dim array is read by `layout`; "auto" infers it when exactly one of dims 1 and 3 has a
+    channel count of 1 or 3, and asks for `layout` otherwise (a 3 x 32 x 3 image is either).
+    """
+    if images.ndim == 3:
+        return images[:, None]
+    if layout == "auto":
+        first, last = images.shape[1] in _CHANNELS, images.shape[3] in _CHANNELS
+        if first == last:
+            a, b, c = images.shape[1:]
+            raise DataError(
+                f"{path}: images of shape {a} x {b} x {c} could be H x W x C or C x H x W; set "
+                f'layout = "nhwc" or layout = "nchw" in the study\'s [data] section'
+            )
+        layout = "nchw" if first else "nhwc"
+    return images if layout == "nchw" else images.transpose(0, 3, 1, 2)
+
+
+def check_labels(labels: np.ndarray, path: Path) -> None:
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: labels must be integer class numbers, but the file holds {labels.dtype} values; "
+            f"write the labels as an integer IDX type (e.g. unsigned byte)"
+        )
+
+
 # --- the pool -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Pool:
-    """Every image the study names, before splitting."""
+    """Every image the study names, before splitting. Labels are 0..K-1; `classes[k]` names
+    label k by its original value (IDX), its folder (image folders) or torchvision's name."""
 
     images: torch.Tensor  # uint8, N x C x H x W
-    labels: torch.Tensor  # int64, N
+    labels: torch.Tensor  # int64, N, in 0..K-1
     classes: tuple[str, ...]
     name: str
+
+
+def _dense_labels(raw: np.ndarray, name: str) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The labels present, mapped to 0..K-1 in increasing order; their original values as names."""
+    values, dense = np.unique(raw, return_inverse=True)
+    if len(values) < 2:
+        raise DataError(
+            f"{name}: every image has label {values[0]}, but a classifier needs at least 2 classes; "
+            f"add images of another class"
+        )
+    return torch.from_numpy(dense.astype(np.int64)), tuple(str(int(v)) for v in values)
 
 
 _TORCHVISION = {
@@ -120,7 +170,7 @@ def _load_torchvision(cfg: DataConfig, root: Path) -> Pool:
             raise DataError(
                 f"could not load or download {cls.__name__} ({part}) into {root}: {e}. "
                 f"Copy the dataset's files there, or use dataset = 'idx' with --data-dir "
-                f"pointing at IDX files"
+                f"pointing at IDX files (the cnn study runs offline on the MNIST copy in the repository)"
             ) from None
         data = torch.as_tensor(np.asarray(ds.data))
         # MNIST family: N x H x W; CIFAR: N x H x W x C.
@@ -143,35 +193,42 @@ def _load_idx(cfg: DataConfig, root: Path) -> Pool:
         pairs = find_idx_pairs(root)
         if not pairs:
             raise DataError(
-                f"no '*images-idx3-ubyte[.gz]' files in {root}; pass --data-dir pointing at IDX files"
+                f"no '*images-idx3-ubyte[.gz]' or '*images-idx4-ubyte[.gz]' files in {root}; pass "
+                f"--data-dir pointing at IDX files"
             )
     images, labels = [], []
     for img_path, lab_path in pairs:
         img, lab = read_idx(img_path), read_idx(lab_path)
         if img.ndim not in (3, 4) or lab.ndim != 1 or len(img) != len(lab):
             raise DataError(
-                f"{img_path} / {lab_path}: expected N x H x W (or N x H x W x C) images and N labels, "
-                f"but got shapes {img.shape} and {lab.shape}"
+                f"{img_path} / {lab_path}: expected N x H x W or 4-dim (N x H x W x C or N x C x H x W) "
+                f"images and N labels, but got shapes {img.shape} and {lab.shape}"
             )
         if img.dtype != np.uint8:
             raise DataError(f"{img_path}: images must be unsigned bytes, but got {img.dtype}")
-        t = torch.from_numpy(img.copy())
-        images.append(t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous())
-        labels.append(torch.from_numpy(lab.astype(np.int64)))
+        check_labels(lab, lab_path)
+        images.append(torch.from_numpy(np.ascontiguousarray(to_nchw(img, cfg.layout, img_path))))
+        labels.append(lab.astype(np.int64))
     shapes = {tuple(t.shape[1:]) for t in images}
     if len(shapes) > 1:
-        raise DataError(f"IDX files in {root} have different image shapes {sorted(shapes)}")
-    y = torch.cat(labels)
-    if int(y.min()) < 0:
-        raise DataError(f"labels in {root} must be >= 0, but got {int(y.min())}")
-    n_classes = int(y.max()) + 1
-    return Pool(torch.cat(images), y, tuple(str(i) for i in range(n_classes)), f"IDX files in {root}")
+        raise DataError(f"IDX files in {root} have different image shapes (C x H x W) {sorted(shapes)}")
+    name = f"IDX files in {root}"
+    y, classes = _dense_labels(np.concatenate(labels), name)
+    return Pool(torch.cat(images), y, classes, name)
 
 
 def load_pool(cfg: DataConfig, data_dir: str | Path | None = None) -> Pool:
     """Load every image the study names. `data_dir` overrides the file's `data.root`."""
     root = Path(data_dir if data_dir is not None else cfg.root).expanduser()
-    pool = _load_idx(cfg, root) if cfg.dataset == "idx" else _load_torchvision(cfg, root)
+    if cfg.dataset == "idx":
+        pool = _load_idx(cfg, root)
+    elif cfg.dataset == "folder":
+        from hpsearch.imagefolder import load_folder  # Pillow only where it is needed
+
+        images, labels, classes = load_folder(root, cfg.image_size, cfg.channels)
+        pool = Pool(images, labels, classes, f"image folder {root}")
+    else:
+        pool = _load_torchvision(cfg, root)
     if len(pool.labels) < 20:
         raise DataError(f"{pool.name}: {len(pool.labels)} images are too few to split 3 ways")
     return pool
@@ -265,6 +322,41 @@ class Normalizer:
 
 
 @dataclass(frozen=True)
+class ClassCounts:
+    """How many images of each class each part of the split holds, and what is wrong with that."""
+
+    classes: tuple[str, ...]
+    counts: tuple[tuple[int, int, int], ...]  # per class: train, validation, test
+
+    @staticmethod
+    def of(pool: Pool, parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> "ClassCounts":
+        k = len(pool.classes)
+        lab = pool.labels.numpy()
+        per_part = [np.bincount(lab[idx], minlength=k) for idx in parts]
+        return ClassCounts(pool.classes, tuple(tuple(int(p[c]) for p in per_part) for c in range(k)))
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """One line per class missing from a part: its validation or test figures say nothing."""
+        out = []
+        for name, (tr, va, te) in zip(self.classes, self.counts):
+            if min(tr, va, te) == 0:
+                out.append(
+                    f"class {name!r} has {tr + va + te} image(s): {tr} train / {va} validation / {te} test, "
+                    f"so it is missing from a part of the split; add images of it to measure it"
+                )
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "classes": list(self.classes),
+            "counts": {c: {"train": tr, "validation": va, "test": te}
+                       for c, (tr, va, te) in zip(self.classes, self.counts)},
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
 class SearchData:
     """What a worker may see: the train and validation parts. There is no test attribute."""
 
@@ -273,8 +365,9 @@ class SearchData:
     normalizer: Normalizer
     num_classes: int
     image_shape: tuple[int, int, int]  # C, H, W before cropping
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # class k's name: its original label value, folder or torchvision name
     fingerprint: str  # of train + validation content
+    class_counts: ClassCounts
 
 
 @dataclass(frozen=True)
@@ -285,6 +378,7 @@ class TestData:
     image_shape: tuple[int, int, int]
     classes: tuple[str, ...]
     fingerprint: str
+    class_counts: ClassCounts
 
 
 def _partition(cfg: DataConfig, data_dir: str | Path | None):
@@ -300,7 +394,7 @@ def _to_device(pool: Pool, idx: np.ndarray, device: torch.device) -> DeviceSplit
 
 def load_search_data(cfg: DataConfig, data_dir: str | Path | None, device: torch.device) -> SearchData:
     """Train and validation parts on `device`. The test part is dropped here, never returned."""
-    pool, train_idx, val_idx, _ = _partition(cfg, data_dir)
+    pool, train_idx, val_idx, test_idx = _partition(cfg, data_dir)
     train_images = pool.images[torch.from_numpy(train_idx)]
     return SearchData(
         train=_to_device(pool, train_idx, device),
@@ -310,12 +404,13 @@ def load_search_data(cfg: DataConfig, data_dir: str | Path | None, device: torch
         image_shape=tuple(pool.images.shape[1:]),  # type: ignore[arg-type]
         classes=pool.classes,
         fingerprint=split_fingerprint(pool.images, pool.labels, np.concatenate([train_idx, val_idx])),
+        class_counts=ClassCounts.of(pool, (train_idx, val_idx, test_idx)),
     )
 
 
 def load_test_data(cfg: DataConfig, data_dir: str | Path | None, device: torch.device) -> TestData:
     """The held-out test part, for `hpsearch finalize` only."""
-    pool, train_idx, _, test_idx = _partition(cfg, data_dir)
+    pool, train_idx, val_idx, test_idx = _partition(cfg, data_dir)
     return TestData(
         test=_to_device(pool, test_idx, device),
         normalizer=Normalizer.fit(pool.images[torch.from_numpy(train_idx)]),
@@ -323,13 +418,25 @@ def load_test_data(cfg: DataConfig, data_dir: str | Path | None, device: torch.d
         image_shape=tuple(pool.images.shape[1:]),  # type: ignore[arg-type]
         classes=pool.classes,
         fingerprint=split_fingerprint(pool.images, pool.labels, test_idx),
+        class_counts=ClassCounts.of(pool, (train_idx, val_idx, test_idx)),
     )
 
 
 def crop_size(image_shape: tuple[int, int, int], margin: int) -> tuple[int, int]:
+    """The network's input: (H - margin) x (W - margin). Checked here, where the data is loaded,
+    against the smallest input the CNN takes, so data that cannot fit is refused before a worker
+    touches the storage."""
     _, h, w = image_shape
-    if margin >= min(h, w):
-        raise DataError(f"crop_margin={margin} leaves nothing of {h}x{w} images; lower it")
+    if min(h, w) < MIN_INPUT:
+        raise DataError(
+            f"images of {h}x{w} are smaller than the {MIN_INPUT}x{MIN_INPUT} the CNN needs (two 2x2 "
+            f"poolings); use larger images (for a folder: data.image_size = [{MIN_INPUT}, {MIN_INPUT}] or more)"
+        )
+    if min(h, w) - margin < MIN_INPUT:
+        raise DataError(
+            f"training.crop_margin = {margin} crops {h}x{w} images to {h - margin}x{w - margin}, below the "
+            f"{MIN_INPUT}x{MIN_INPUT} the CNN needs; set crop_margin to {min(h, w) - MIN_INPUT} or less"
+        )
     return h - margin, w - margin
 
 

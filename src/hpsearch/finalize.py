@@ -493,7 +493,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
 
     weights_artifact = None
     if winner.retrained:
-        weights_artifact = _upload_final(study, winner, precision, opts)
+        weights_artifact = _upload_final(study, winner, precision, opts, test.classes)
     result = {
         "use": use["n"],
         "trial": winner.trial.number,
@@ -508,6 +508,9 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
                        "best_epoch": winner.best_epoch, "epochs": winner.epochs},
         "selection": selection,
         "test": metrics,
+        # Classes with their original labels, images per class in each part, and warnings
+        # (a class missing from a part).
+        "data": test.class_counts.to_dict(),
         "model": summarize(winner.spec),
         "device": str(device),
         "precision": {"channels_last": precision.channels_last, "bf16": precision.bf16},
@@ -546,12 +549,13 @@ def _distinct_configs(done: list[FrozenTrial], cfg: StudyConfig) -> list[FrozenT
     return out
 
 
-def _upload_final(study: optuna.Study, winner: Winner, precision: Precision, opts: FinalizeOptions) -> str:
+def _upload_final(study: optuna.Study, winner: Winner, precision: Precision, opts: FinalizeOptions,
+                  classes: tuple[str, ...]) -> str:
     """Keep the re-trained model that was tested, as an artifact of the study."""
     adir = artifacts_dir(opts.storage_url, opts.artifacts)
     adir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint(winner.spec, winner.hparams, winner.state_dict, winner.normalizer, winner.crop,
-                      precision, winner.best_epoch or 0, winner.val_loss, winner.val_accuracy)
+                      precision, winner.best_epoch or 0, winner.val_loss, winner.val_accuracy, classes)
     with tempfile.TemporaryDirectory(prefix="hpsearch-") as tmp:
         path = Path(tmp) / f"final-trial-{winner.trial.number}-seed-{winner.seed}.pt"
         torch.save(ckpt.to_payload(), path)

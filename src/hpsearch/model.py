@@ -1,6 +1,12 @@
 """The seed CNN, with the trial choosing channel counts and dropout.
 
 conv(5x5) -> ReLU -> max-pool(2) -> conv(5x5) -> ReLU -> max-pool(2) -> dropout -> linear.
+
+The network fits the data: the seed's unpadded convolutions need an input (the crop) of at least
+16x16. A smaller input gets "same" padding (2 pixels) on both convolutions, so only the two
+poolings shrink it and inputs down to 4x4 work: 8x8 images still train with a random crop. The
+padding is a function of the input size alone (`conv_padding`), so a checkpoint's spec rebuilds
+the same network. `data.crop_size` refuses anything smaller, when the data is loaded.
 The layers run as conv -> max-pool -> ReLU: the same function (ReLU is monotonic, so it commutes
 with max) and the same gradients, but the ReLU and its backward touch a quarter of the values.
 That alone made a training epoch ~1.7x faster on the CPU (BENCHMARKS.md).
@@ -17,6 +23,13 @@ from torch import nn
 
 KERNEL = 5
 POOL = 2
+SEED_MIN_INPUT = 16  # the smallest side two unpadded 5x5 convolutions and two poolings take
+MIN_INPUT = POOL * POOL  # the smallest side with padded convolutions: two poolings leave 1x1
+
+
+def conv_padding(input_hw: tuple[int, int]) -> int:
+    """0 (the seed's network) where it fits, else "same" padding for inputs below 16x16."""
+    return 0 if min(input_hw) >= SEED_MIN_INPUT else KERNEL // 2
 
 
 @dataclass(frozen=True)
@@ -30,11 +43,23 @@ class ModelSpec:
     conv2_channels: int
     dropout: float
 
-    def feature_hw(self) -> tuple[int, int]:
-        h, w = self.input_hw
+    @property
+    def padding(self) -> int:
+        return conv_padding(self.input_hw)
+
+    def conv_hw(self) -> list[tuple[int, int]]:
+        """Output size of each convolution (before its pooling)."""
+        out, (h, w) = [], self.input_hw
+        grow = 2 * self.padding - KERNEL + 1
         for _ in range(2):
-            h, w = (h - KERNEL + 1) // POOL, (w - KERNEL + 1) // POOL
-        return h, w
+            h, w = h + grow, w + grow
+            out.append((h, w))
+            h, w = h // POOL, w // POOL
+        return out
+
+    def feature_hw(self) -> tuple[int, int]:
+        h, w = self.conv_hw()[-1]
+        return h // POOL, w // POOL
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,15 +75,15 @@ class CNN(nn.Module):
         h, w = spec.feature_hw()
         if h < 1 or w < 1:
             raise ValueError(
-                f"input of {spec.input_hw[0]}x{spec.input_hw[1]} is too small for two 5x5 convolutions "
-                f"and two 2x2 poolings (needs at least 16x16 after cropping)"
+                f"input of {spec.input_hw[0]}x{spec.input_hw[1]} is too small for two 2x2 poolings "
+                f"(needs at least {MIN_INPUT}x{MIN_INPUT} after cropping)"
             )
         self.spec = spec
         self.features = nn.Sequential(
-            nn.Conv2d(spec.in_channels, spec.conv1_channels, KERNEL),
+            nn.Conv2d(spec.in_channels, spec.conv1_channels, KERNEL, padding=spec.padding),
             nn.MaxPool2d(POOL),
             nn.ReLU(inplace=True),
-            nn.Conv2d(spec.conv1_channels, spec.conv2_channels, KERNEL),
+            nn.Conv2d(spec.conv1_channels, spec.conv2_channels, KERNEL, padding=spec.padding),
             nn.MaxPool2d(POOL),
             nn.ReLU(inplace=True),
         )
@@ -78,10 +103,8 @@ def count_parameters(model: nn.Module) -> int:
 
 def flops_per_sample(spec: ModelSpec) -> int:
     """Multiply-adds x 2 of one forward pass (convolutions and the linear layer)."""
-    h, w = spec.input_hw
-    h1, w1 = h - KERNEL + 1, w - KERNEL + 1
+    (h1, w1), (h2, w2) = spec.conv_hw()
     conv1 = h1 * w1 * spec.conv1_channels * spec.in_channels * KERNEL * KERNEL
-    h2, w2 = h1 // POOL - KERNEL + 1, w1 // POOL - KERNEL + 1
     conv2 = h2 * w2 * spec.conv2_channels * spec.conv1_channels * KERNEL * KERNEL
     fh, fw = spec.feature_hw()
     linear = spec.conv2_channels * fh * fw * spec.num_classes

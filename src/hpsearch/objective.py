@@ -260,7 +260,7 @@ class Objective:
                  val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch)
         save_best(
             Checkpoint(spec, hp, result.best_state, data.normalizer, self.crop, self.precision,
-                       result.best_epoch, result.best_val_loss, result.best_val_accuracy),
+                       result.best_epoch, result.best_val_loss, result.best_val_accuracy, data.classes),
             trial, self.store,
         )
         checkpoints.discard()

@@ -378,6 +378,8 @@ def document(doc: dict) -> list[tuple]:
     ]
     for e in doc["edge_warnings"]:
         b.append(("warn", e["message"]))
+    for w in r.get("data", {}).get("warnings", []):  # a class missing from a part of the split
+        b.append(("warn", w))
 
     b += [("h", 2, f"Winner: trial {r['trial']}"), ("p", r["source"] + ".")]
     edges = {e["param"]: e["edge"] for e in doc["edge_warnings"]}

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import StudyConfig
 from hpsearch.dashboard import save_study_note
-from hpsearch.data import load_search_data
+from hpsearch.data import SearchData, crop_size, load_search_data
 from hpsearch.errors import HpsearchError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
@@ -106,13 +106,17 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     # Data first: a missing dataset is reported before anything is written to the storage.
     display.note(f"loading {cfg.data.dataset} from {data_dir} onto {device}")
     data = load_search_data(cfg.data, data_dir, device)
+    crop = crop_size(data.image_shape, cfg.training.crop_margin)  # data the CNN cannot take: refused here
     display.note(
         f"split: {len(data.train)} train / {len(data.val)} validation images "
-        f"(test part held out), {data.num_classes} classes, shape {tuple(data.image_shape)}"
+        f"(test part held out), {data.num_classes} classes, shape {tuple(data.image_shape)}, "
+        f"network input {crop[0]}x{crop[1]}"
     )
+    for warning in data.class_counts.warnings:
+        display.note(f"warning: {warning}")
 
     storage = open_storage(opts.storage_url, cfg.storage)
-    study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
+    study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: _on_create(s, cfg, data))
     check_split(study, data.fingerprint)
     store = artifact_store(opts.storage_url, opts.artifacts)
     display.note(
@@ -122,6 +126,14 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     objective = Objective(cfg, data, device, store, on_progress=display.progress,
                           should_stop=stop.stop_training, note=display.note, worker_index=opts.worker_index)
     return trial_loop(study, storage, cfg, objective, display, stop, n_trials=opts.n_trials, timeout=opts.timeout)
+
+
+DATA_ATTR = "hpsearch_data"  # study user attribute: classes, their original labels, counts per part
+
+
+def _on_create(study: optuna.Study, cfg: StudyConfig, data: SearchData) -> None:
+    study.set_user_attr(DATA_ATTR, data.class_counts.to_dict())
+    save_study_note(study, cfg, data)
 
 
 def trial_loop(
