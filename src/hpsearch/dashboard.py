@@ -115,6 +115,25 @@ def save_study_note(study: optuna.Study, cfg: StudyConfig, data: SearchData) -> 
     optuna_dashboard.save_note(study, study_note(cfg, data, study.user_attrs.get(ATTR)))
 
 
+FINALIZE_HEADING = "## Final test evaluation (hpsearch finalize)"  # finalize's section starts so
+
+
+def append_note_section(study: optuna.Study, section: str) -> str:
+    """Add finalize's `section` (starting with FINALIZE_HEADING) at the end of the study's note.
+
+    What the worker (or a person) wrote stays. A section appended before by finalize is replaced,
+    so a forced re-evaluation does not stack up old results (the uses table in the new section
+    lists every use). Returns the whole new note.
+    """
+    if not section.lstrip().startswith(FINALIZE_HEADING):
+        raise ValueError(f"a finalize note section starts with {FINALIZE_HEADING!r}, but got {section[:60]!r}")
+    kept = (optuna_dashboard.get_note(study) or "").split(FINALIZE_HEADING, 1)[0].rstrip()
+    kept = kept.removesuffix("---").rstrip()  # the rule that separated the old section
+    note = (kept + "\n\n---\n\n" if kept else "") + section.strip() + "\n"
+    optuna_dashboard.save_note(study, note)
+    return note
+
+
 # --- the server ----------------------------------------------------------------------------------
 
 
