@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display; must come before pyplot, which Optuna's plots use
 
@@ -92,12 +93,18 @@ def _figure_of(ax) -> Figure:
     return first.figure
 
 
-def _optuna(name: str, title: str, draw: Callable[[], object], after: Callable | None = None) -> Plot:
-    """One of Optuna's plots; a plot Optuna cannot draw for this study is reported, not raised."""
+def _optuna(name: str, title: str, draw: Callable[[], object], after: Callable | None = None,
+            size: tuple[float, float] | None = (9.0, 4.5)) -> Plot:
+    """One of Optuna's plots; a plot Optuna cannot draw for this study is reported, not raised.
+
+    `size` (inches) replaces matplotlib's default 6.4 x 4.8, which crowds a plot of many trials.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ExperimentalWarning for the matplotlib back end
             ax = draw()
+            if size is not None:
+                _figure_of(ax).set_size_inches(*size)
             if after is not None:
                 after(ax)
     except (ValueError, RuntimeError, ZeroDivisionError, KeyError) as e:
@@ -127,6 +134,8 @@ def intermediate(study: optuna.Study, winner: int, values: Sequence[float]) -> P
         legend = ax.get_legend()
         if legend is not None and len(legend.get_texts()) > LEGEND_MAX:
             legend.remove()
+        elif legend is not None:  # again, so that it shows the winner's new colour
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
     return _optuna("intermediate", "Validation loss per epoch (intermediate values)",
                    lambda: ovm.plot_intermediate_values(study), tidy)
@@ -134,19 +143,23 @@ def intermediate(study: optuna.Study, winner: int, values: Sequence[float]) -> P
 
 def parallel(study: optuna.Study, params: list[str]) -> Plot:
     return _optuna("parallel", "Parallel coordinates",
-                   lambda: ovm.plot_parallel_coordinate(study, params=params or None))
+                   lambda: ovm.plot_parallel_coordinate(study, params=params or None), size=(11.0, 5.0))
 
 
 def slices(study: optuna.Study, params: list[str]) -> Plot:
+    def tidy(axes) -> None:
+        for ax in getattr(axes, "flat", [axes]):  # log axes label their minor ticks too: unreadable
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
     return _optuna("slice", "Slice: validation loss against each parameter",
-                   lambda: ovm.plot_slice(study, params=params or None))
+                   lambda: ovm.plot_slice(study, params=params or None), tidy, size=(11.0, 4.0))
 
 
 def contour(study: optuna.Study, params: list[str]) -> Plot:
     if len(params) < 2:
         return Plot("contour", "Contour", None, "needs two searched parameters")
     return _optuna("contour", f"Contour of the top two parameters ({params[0]}, {params[1]})",
-                   lambda: ovm.plot_contour(study, params=params[:2]))
+                   lambda: ovm.plot_contour(study, params=params[:2]), size=(7.5, 5.5))
 
 
 def importances(study: optuna.Study) -> Plot:
@@ -155,7 +168,8 @@ def importances(study: optuna.Study) -> Plot:
 
 
 def timeline(study: optuna.Study) -> Plot:
-    return _optuna("timeline", "Timeline", lambda: ovm.plot_timeline(study))
+    n = len(study.get_trials(deepcopy=False))
+    return _optuna("timeline", "Timeline", lambda: ovm.plot_timeline(study), size=(9.0, min(12.0, 3.0 + 0.06 * n)))
 
 
 def curves(curve: Sequence[Sequence[float]], trial: int) -> Plot:
@@ -176,6 +190,7 @@ def curves(curve: Sequence[Sequence[float]], trial: int) -> Plot:
             ax.plot(epochs, train, "o-", color=BLUE, label=f"training {what}")
         ax.plot(epochs, val, "s-", color=RED, label=f"validation {what}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
