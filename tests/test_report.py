@@ -26,6 +26,7 @@ from hpsearch import plots, report
 from hpsearch.config import load_config
 from hpsearch.dashboard import FINALIZE_HEADING, append_note_section
 from hpsearch.model import ModelSpec, summarize
+from hpsearch.study import ATTR
 
 STUDY_TOML = """\
 [study]
@@ -107,6 +108,10 @@ def synthetic_study(tmp: Path, *, n_complete: int, n_pruned: int = 0, n_failed: 
     cfg = load_config(study_file)
     url = f"sqlite:///{tmp}/{name}.db"
     study = optuna.create_study(study_name=name, storage=url)
+    # What `hpsearch worker` records when it creates a study.
+    study.set_user_attr(ATTR, {"config": cfg.model_dump(mode="json"), "source": str(study_file),
+                               "fingerprint": cfg.fingerprint(), "created_at": "2026-11-25T08:59:00+00:00",
+                               "created_by": "node0"})
     rng = random.Random(total * 31 + classes)
     t0 = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc).replace(tzinfo=None)
     states = [TrialState.COMPLETE] * n_complete + [TrialState.PRUNED] * n_pruned + [TrialState.FAIL] * n_failed
