@@ -325,3 +325,10 @@ def test_finalize_note_is_appended_below_the_workers(tmp_path):
     assert second == first and second.count(FINALIZE_HEADING) == 1
     with pytest.raises(ValueError, match="starts with"):
         append_note_section(s.study, "## something else")
+
+
+def test_unused_momentum_is_flagged_only_when_searched():
+    adam = {"optimizer": "adam", "momentum": 0.0}
+    assert [u["param"] for u in report.unused_params(adam, {"lr", "momentum"})] == ["momentum"]
+    assert report.unused_params(adam, {"lr"}) == []  # a fixed momentum: nothing to read into it
+    assert report.unused_params({"optimizer": "sgd", "momentum": 0.9}, {"momentum"}) == []

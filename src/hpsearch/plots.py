@@ -148,8 +148,8 @@ def parallel(study: optuna.Study, params: list[str]) -> Plot:
 
 def slices(study: optuna.Study, params: list[str]) -> Plot:
     def tidy(axes) -> None:
-        for ax in getattr(axes, "flat", [axes]):  # log axes label their minor ticks too: unreadable
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for ax in getattr(axes, "flat", [axes]):  # a narrow log axis labels its minor ticks: slant them
+            ax.tick_params(axis="x", which="both", labelrotation=45, labelsize=7)
 
     return _optuna("slice", "Slice: validation loss against each parameter",
                    lambda: ovm.plot_slice(study, params=params or None), tidy, size=(11.0, 4.0))

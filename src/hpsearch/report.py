@@ -275,7 +275,7 @@ def why_this_model(study: optuna.Study, winner: FrozenTrial, result: dict, stora
         "measure_command": command,
         "complete_trials": len(done),
         "min_trials_for_importances": MIN_TRIALS_FOR_IMPORTANCES,
-        "unused_params": unused_params(result["hparams"]),
+        "unused_params": unused_params(result["hparams"], {p for t in done for p in t.params}),
         "class_coverage": class_coverage(result),
     }
 
@@ -311,10 +311,13 @@ def seed_noise(selection: dict) -> dict:
     return {"measured": True, "std": std, "seeds": seeds, "configurations": len(rows), "comparisons": comparisons}
 
 
-def unused_params(hparams: dict) -> list[dict]:
-    """Settings the winner carries but does not use (momentum exists for SGD only)."""
+def unused_params(hparams: dict, searched: set[str]) -> list[dict]:
+    """Searched settings the winner carries but does not use (momentum exists for SGD only).
+
+    A fixed momentum is not flagged: nobody reads a search result into it.
+    """
     opt = hparams.get("optimizer")
-    if opt and opt != "sgd" and "momentum" in hparams:
+    if opt and opt != "sgd" and "momentum" in searched:
         return [{"param": "momentum", "message": f"momentum is not used by the winner's optimizer ({opt}); "
                                                  f"its value and importance say nothing about this model"}]
     return []
