@@ -6,7 +6,8 @@ storage and artifact store as the workers (`--storage`, `--artifacts` and their 
 variables), so checkpoints show up as trial artifacts.
 
 What people see there is written by the worker that creates a study: a study note (markdown) with
-the study file, search space, data split sizes and budget (`save_study_note`).
+the study file, search space, data split sizes and budget (`save_study_note`). `hpsearch finalize`
+adds its result at the end of that note (`append_note_section`), never over it.
 """
 
 from __future__ import annotations
