@@ -145,6 +145,14 @@ def test_report_files_exist_and_match_the_database(finalized):
         assert row["value"] == t.value
         assert row["params"] == t.params
         assert dict((s, v) for s, v in row["intermediate_values"]) == t.intermediate_values
+        # The objective's per-epoch training and validation figures: the validation loss is the
+        # reported intermediate value, the training ones are real (a falling loss, an accuracy).
+        curve = t.user_attrs["curve"]
+        assert {e: vl for e, _, _, vl, _ in curve} == t.intermediate_values
+        assert all(tl > 0 and 0 < ta <= 1 and 0 < va <= 1 for _, tl, ta, _, va in curve)
+
+    best_curve = study.best_trial.user_attrs["curve"]
+    assert len(best_curve) > 1 and best_curve[-1][1] < best_curve[0][1], "the winner's training loss fell"
 
     # The winner: the best trial, with its own checkpoint (nothing re-trained).
     result = study.user_attrs[finalize.RESULT_ATTR]
