@@ -14,6 +14,8 @@ import shutil
 import sqlite3
 import os
 import statistics
+import subprocess
+import sys
 import uuid
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from conftest import run_cli, write_study
 from hpsearch import cli, finalize, train
 from hpsearch.checkpoint import BEST_WEIGHTS, load_checkpoint
 from hpsearch.config import load_config
-from hpsearch.data import read_idx, write_idx
+from hpsearch.data import load_test_data, read_idx, write_idx
 from hpsearch.progress import Display
 from hpsearch.report import edge_warnings
 from hpsearch.storage import artifact_store, open_storage
@@ -41,6 +43,8 @@ from hpsearch.study import open_study
 from hpsearch.worker import WorkerOptions, run_worker
 
 pytestmark = pytest.mark.slow
+# With 4 trials Optuna draws every plot (contour and slice included).
+FIGURES = ("history", "intermediate", "curves", "parallel", "slice", "contour", "importance", "timeline", "confusion")
 
 STUDY = "quick"
 # A winner from these few short trials scores 97-98% on the test part; chance is 10%. The bar says
@@ -121,8 +125,8 @@ def finalized(searched, mnist_dir, tmp_path_factory) -> Path:
 
 def test_report_files_exist_and_match_the_database(finalized):
     report_dir = finalized / "reports" / STUDY
-    for name in ("report.md", "report.html", "report.json", "reproduce.toml",
-                 "history.svg", "curves.svg", "importance.svg"):
+    for name in ("report.md", "report.html", "report.json", "reproduce.toml", "model.pt2",
+                 *(f"{p}.svg" for p in FIGURES)):
         assert (report_dir / name).is_file(), name
     doc = json.loads((report_dir / "report.json").read_text())
     study = load(finalized)
@@ -141,6 +145,14 @@ def test_report_files_exist_and_match_the_database(finalized):
         assert row["value"] == t.value
         assert row["params"] == t.params
         assert dict((s, v) for s, v in row["intermediate_values"]) == t.intermediate_values
+        # The objective's per-epoch training and validation figures: the validation loss is the
+        # reported intermediate value, the training ones are real (a falling loss, an accuracy).
+        curve = t.user_attrs["curve"]
+        assert {e: vl for e, _, _, vl, _ in curve} == t.intermediate_values
+        assert all(tl > 0 and 0 < ta <= 1 and 0 < va <= 1 for _, tl, ta, _, va in curve)
+
+    best_curve = study.best_trial.user_attrs["curve"]
+    assert len(best_curve) > 1 and best_curve[-1][1] < best_curve[0][1], "the winner's training loss fell"
 
     # The winner: the best trial, with its own checkpoint (nothing re-trained).
     result = study.user_attrs[finalize.RESULT_ATTR]
@@ -176,6 +188,52 @@ def test_report_files_exist_and_match_the_database(finalized):
     assert "![" in md and "history.svg" in md
 
 
+def test_finalize_appends_to_the_workers_note(finalized):
+    body = note_body(load(finalized))
+    # The worker's note (search space, split sizes, budget) is still there, above finalize's section.
+    for kept in ("### Search space", "### Data", "### Budget"):
+        assert kept in body
+    assert body.index("### Budget") < body.index("## Final test evaluation (hpsearch finalize)")
+
+
+EXPORT_CHECK = """
+import json, sys
+sys.modules["hpsearch"] = None  # any import of hpsearch now fails: the model must not need it
+import torch
+meta = {"hpsearch.json": ""}
+model = torch.export.load(sys.argv[1], extra_files=meta).module()
+data = torch.load(sys.argv[2])
+images, labels = data["images"], data["labels"]
+with torch.inference_mode():
+    pred = torch.cat([model(images[i:i + 1000]).argmax(dim=1) for i in range(0, len(labels), 1000)])
+print(json.dumps({"correct": int((pred == labels).sum()), "images": len(labels),
+                  "classes": json.loads(meta["hpsearch.json"])["classes"],
+                  "hpsearch_modules": [m for m in sys.modules if m.startswith("hpsearch") and sys.modules[m]]}))
+"""
+
+
+def test_exported_model_reproduces_the_test_accuracy_without_hpsearch(finalized, searched, mnist_dir, tmp_path):
+    """model.pt2 in a fresh `python -I` that cannot import hpsearch: the same test accuracy."""
+    result = load(finalized).user_attrs[finalize.RESULT_ATTR]
+    model = finalized / "reports" / STUDY / result["export"]["file"]
+    # The test images as stored (uint8, uncropped): the exported program crops and normalises itself.
+    test = load_test_data(load_config(searched.study_file).data, mnist_dir, torch.device("cpu"))
+    torch.save({"images": test.test.images, "labels": test.test.labels}, tmp_path / "test.pt")
+    r = subprocess.run([sys.executable, "-I", "-c", EXPORT_CHECK, str(model), str(tmp_path / "test.pt")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["hpsearch_modules"] == [] and out["classes"] == result["test"]["classes"]
+    assert out["images"] == result["test"]["images"]
+    assert out["correct"] / out["images"] == result["export"]["test_accuracy"]
+    if result["precision"]["bf16"]:  # finalize evaluated in bf16; the program runs in fp32
+        assert abs(out["correct"] - result["test"]["correct"]) <= 0.003 * out["images"]
+    else:
+        assert out["correct"] == result["test"]["correct"]
+    md = (finalized / "reports" / STUDY / "report.md").read_text()
+    assert "## Use the model" in md and "torch.export.load" in md
+
+
 class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -191,11 +249,12 @@ def test_report_html_opens_offline(finalized):
     html = (finalized / "reports" / STUDY / "report.html").read_text()
     parser = _Refs()
     parser.feed(html)
-    assert parser.tags.count("svg") == 3, "the three plots are inline"
+    assert parser.tags.count("svg") == len(FIGURES), "every plot is inline"
     assert "link" not in parser.tags and "script" not in parser.tags and "img" not in parser.tags
     # Nothing to fetch: no attribute points anywhere but inside the page, no URL in the text or CSS.
     assert all(r.startswith(("#", "data:")) for r in parser.refs), parser.refs
-    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|url\(|@import", html, re.IGNORECASE)
+    # (matplotlib clips with url(#id): a reference inside the page.)
+    assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/|url\((?!#)|@import", html, re.IGNORECASE)
 
 
 def test_reproduce_command_retrains_the_winner(finalized, mnist_dir, tmp_path):

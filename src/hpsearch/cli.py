@@ -2,7 +2,7 @@
 
     hpsearch worker --study cnn                 # search (or join a search) on ./hpsearch.db
     hpsearch worker --study cnn --processes 4   # four workers on this node, spread over its GPUs
-    hpsearch status --study cnn                 # trials by state, best value and parameters
+    hpsearch status --study cnn                 # trials, budget, rate, reasons, best, finalize result
     hpsearch finalize --study cnn               # test the best model once, write reports/cnn/
     hpsearch dashboard                          # optuna-dashboard on http://127.0.0.1:8080
 """
@@ -113,8 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "a second signal exits at once either way")
     w.add_argument("--log-prefix", default="", help=argparse.SUPPRESS)  # set by --processes
 
-    s = sub.add_parser("status", parents=[common, study], help="trials by state, best value and parameters")
+    s = sub.add_parser(
+        "status", parents=[common], help="where a search stands: trials, budget, rate, reasons, best, finalize",
+        description="For one study: trials by state, the budget, wall time, trials per minute and the time "
+        "to the budget at that rate, failure and prune reasons by count, the best trials, and the finalize "
+        "result. Without --study: every study in the storage, one line each.",
+    )
+    s.add_argument("--study", metavar="NAME|PATH",
+                   help="the study: its name in the storage, or its study file (name in studies/ or a .toml "
+                   "path); default: list every study in the storage")
     s.add_argument("--top", type=_positive_int, default=5, metavar="K", help="list the K best trials")
+    s.add_argument("--json", action="store_true", help="print the same as JSON, for scripts")
 
     d = sub.add_parser(
         "dashboard", parents=[common], help="serve optuna-dashboard on the study storage",
@@ -197,7 +206,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from hpsearch.status import print_status
 
-    print_status(args.study, args.storage, top=args.top)
+    print_status(args.study, args.storage, top=args.top, as_json=args.json)
     return 0
 
 

@@ -6,7 +6,8 @@ storage and artifact store as the workers (`--storage`, `--artifacts` and their 
 variables), so checkpoints show up as trial artifacts.
 
 What people see there is written by the worker that creates a study: a study note (markdown) with
-the study file, search space, data split sizes and budget (`save_study_note`).
+the study file, search space, data split sizes and budget (`save_study_note`). `hpsearch finalize`
+adds its result at the end of that note (`append_note_section`), never over it.
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ def study_note(cfg: StudyConfig, data: SearchData, meta: dict[str, Any] | None =
 
 def save_study_note(study: optuna.Study, cfg: StudyConfig, data: SearchData) -> None:
     optuna_dashboard.save_note(study, study_note(cfg, data, study.user_attrs.get(ATTR)))
+
+
+FINALIZE_HEADING = "## Final test evaluation (hpsearch finalize)"  # finalize's section starts so
+
+
+def append_note_section(study: optuna.Study, section: str) -> str:
+    """Add finalize's `section` (starting with FINALIZE_HEADING) at the end of the study's note.
+
+    What the worker (or a person) wrote stays. A section appended before by finalize is replaced,
+    so a forced re-evaluation does not stack up old results (the uses table in the new section
+    lists every use). Returns the whole new note.
+    """
+    if not section.lstrip().startswith(FINALIZE_HEADING):
+        raise ValueError(f"a finalize note section starts with {FINALIZE_HEADING!r}, but got {section[:60]!r}")
+    kept = (optuna_dashboard.get_note(study) or "").split(FINALIZE_HEADING, 1)[0].rstrip()
+    kept = kept.removesuffix("---").rstrip()  # the rule that separated the old section
+    note = (kept + "\n\n---\n\n" if kept else "") + section.strip() + "\n"
+    optuna_dashboard.save_note(study, note)
+    return note
 
 
 # --- the server ----------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from hpsearch import __version__, report, train
+from hpsearch import __version__, export, report, train
 from hpsearch.checkpoint import BEST_WEIGHTS, Checkpoint, load_checkpoint
 from hpsearch.config import STUDIES_DIR, StudyConfig, load_config
+from hpsearch.dashboard import append_note_section
 from hpsearch.data import DeviceSplit, Normalizer, SearchData, TestData, crop_size, load_search_data, load_test_data
 from hpsearch.errors import DataError, HpsearchError, StorageError
 from hpsearch.model import CNN, ModelSpec, summarize
@@ -416,7 +417,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     if stored is not None and not opts.force:
         say(locked_message(study.study_name, stored, uses))
         doc = report.build_report(study, cfg, opts.storage_url, out_dir, stored, uses)
-        files = report.write_report(doc, out_dir)
+        files = report.write_report(study, doc, out_dir)
         say(f"report (from the stored result): {out_dir}/report.md, report.html, report.json")
         return Outcome(study.study_name, stored, uses, False, out_dir, files)
 
@@ -469,6 +470,9 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    val_counts = torch.bincount(search.val.labels, minlength=search.num_classes).tolist()
+    # The data loader's own warnings: classes too small for every part of the split.
+    data_warnings = list(search.class_counts.warnings)
     del search  # the train/validation tensors are done with; free them before the test split
 
     uses_before = study.user_attrs.get(USES_ATTR, [])
@@ -489,6 +493,8 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     metrics = test_metrics(model, test.test, winner.normalizer, winner.crop, precision,
                            cfg.training.eval_batch_size, test.classes)
     metrics["fingerprint"] = test.fingerprint
+    exported = export.export_winner(winner.spec, winner.state_dict, winner.normalizer, winner.crop, test,
+                                    out_dir)
     finished = datetime.now(timezone.utc)
 
     weights_artifact = None
@@ -505,7 +511,9 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
         "retrained": winner.retrained,
         "weights_artifact": weights_artifact or winner.trial.user_attrs.get(BEST_WEIGHTS),
         "validation": {"loss": winner.val_loss, "accuracy": winner.val_accuracy,
-                       "best_epoch": winner.best_epoch, "epochs": winner.epochs},
+                       "best_epoch": winner.best_epoch, "epochs": winner.epochs, "class_counts": val_counts},
+        "data_warnings": data_warnings,
+        "export": exported,
         "selection": selection,
         "test": metrics,
         # Classes with their original labels, images per class in each part, and warnings
@@ -532,9 +540,9 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     say(f"test: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} on {metrics['images']:,} "
         f"images (use #{use['n']} of the test split)")
     doc = report.build_report(study, cfg, opts.storage_url, out_dir, result, uses)
-    report.save_dashboard_note(study, doc)
-    files = report.write_report(doc, out_dir)
-    say(f"report: {out_dir}/report.md, report.html, report.json")
+    append_note_section(study, report.note_section(doc))  # below the worker's note, never over it
+    files = report.write_report(study, doc, out_dir)
+    say(f"report: {out_dir}/report.md, report.html, report.json; model: {out_dir}/{exported['file']}")
     return Outcome(study.study_name, result, uses, True, out_dir, files)
 
 

@@ -45,6 +45,9 @@ from hpsearch.storage import set_user_attrs
 from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
 
 
+CURVE_ATTR = "curve"  # trial user attribute: [epoch, train loss, train acc, val loss, val acc] rows
+
+
 class TrialFailed(Exception):
     """A trial that cannot run (out of memory): failed with its reason, and the worker goes on."""
 
@@ -213,8 +216,15 @@ class Objective:
                 **more,
             })
 
+        # Training and validation loss/accuracy per epoch, for the report's learning curves (Optuna
+        # keeps only the reported validation loss). A resumed trial continues its predecessor's.
+        curve: list[list[float]] = [row for row in trial.user_attrs.get(CURVE_ATTR) or []
+                                    if resume and row[0] <= resume.state.epoch]
+
         def report(r: EpochResult) -> None:
             trial.report(r.val.loss, r.epoch)
+            curve.append([r.epoch, r.train.loss, r.train.accuracy, r.val.loss, r.val.accuracy])
+            trial.set_user_attr(CURVE_ATTR, curve)
             self.on_progress(
                 Progress(trial.number, r.epoch, t.max_epochs, r.val.loss, r.val.accuracy,
                          r.train.samples_per_s, r.best_val_loss)

@@ -2,16 +2,17 @@
 
 Everything in it comes from the study storage (trials, the recorded config, the stored test result
 and the list of test-split uses), so it can be written again at any time without touching data.
-The document is built once as a list of blocks and rendered to Markdown and to HTML, so the two
-say the same thing. Plots are inline SVG (`svgplot`): the HTML needs no network and no other file.
+The Markdown comes from one Jinja template (`templates/report.md.j2`); the HTML is that Markdown
+rendered by markdown-it, with the figures inline as SVG (`plots`), so the two say the same thing
+and the HTML needs no network and no other file. `reproduce.toml` is written with tomli-w.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shlex
+import statistics
 import warnings
 from collections import Counter
 from datetime import datetime, timezone
@@ -19,18 +20,27 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import optuna
+import tomli_w
+from markdown_it import MarkdownIt
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import __version__, svgplot
+from hpsearch import __version__, plots
 from hpsearch.config import BatchChoice, FloatRange, IntRange, OptimizerChoice, StudyConfig
-from hpsearch.objective import trial_seed
+from hpsearch.objective import CURVE_ATTR, trial_seed
 from hpsearch.storage import redact
 from hpsearch.study import ATTR, OBJECTIVE_NAME, budget_state
 
 EDGE = 0.05  # a best value within 5% of either end of its range (on its sampling scale) is "at the edge"
-FIGURES = ("history", "curves", "importance")
+# Below this many complete trials, importances mostly measure which values the sampler happened to
+# try (TPE starts with random trials): shown with a caution.
+MIN_TRIALS_FOR_IMPORTANCES = 20
+RUNNERS_UP = 3  # the next best trials the winner's lead is measured against
+# The pruner's settings that apply to each type (the config holds all of them).
+PRUNER_SETTINGS = {"median": ("n_startup_trials", "n_warmup_steps"),
+                   "hyperband": ("min_resource", "reduction_factor"), "none": ()}
 
 
 # --- the data -----------------------------------------------------------------------------------
@@ -75,7 +85,8 @@ def build_report(study: optuna.Study, cfg: StudyConfig, storage_url: str, out_di
             "workers": [{"worker": w, "trials": n} for w, n in workers.most_common()],
             "hosts": [{"host": h, "trials": n} for h, n in hosts.most_common()],
             "sampler": cfg.sampler.model_dump(mode="json"),
-            "pruner": cfg.pruner.model_dump(mode="json"),
+            "pruner": {k: v for k, v in cfg.pruner.model_dump(mode="json").items()
+                       if k == "type" or k in PRUNER_SETTINGS[cfg.pruner.type]},
             "max_epochs": cfg.training.max_epochs,
             "search_space": search_space(cfg),
         },
@@ -83,6 +94,7 @@ def build_report(study: optuna.Study, cfg: StudyConfig, storage_url: str, out_di
         "test_split_uses": uses,
         "edge_warnings": edge_warnings(winner),
         "importances": param_importances(study),
+        "why": why_this_model(study, winner, result, storage_url),
         "reproduce": reproduce(cfg, result, out_dir, study.study_name),
         "trials": [_trial(t) for t in trials],
     })
@@ -114,6 +126,7 @@ def _trial(t: FrozenTrial) -> dict:
         "best_epoch": a.get("best_epoch"),
         "epochs": a.get("epochs"),
         "stop_reason": a.get("stop_reason"),
+        "curve": a.get(CURVE_ATTR),
         "worker": a.get("worker"),
         "seed": a.get("seed"),
         "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
@@ -161,7 +174,8 @@ def param_importances(study: optuna.Study) -> dict:
     method = "PED-ANOVA (optuna.importance), completed trials, top-10% quantile"
     n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if n < 2:
-        return {"method": method, "values": {}, "note": f"needs at least 2 completed trials, the study has {n}"}
+        return {"method": method, "values": {}, "note": f"needs at least 2 completed trials, the study has {n}",
+                "left_out": [], "complete": n}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -169,8 +183,12 @@ def param_importances(study: optuna.Study) -> dict:
                 study, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
             )
     except (ValueError, RuntimeError) as e:
-        return {"method": method, "values": {}, "note": f"could not be computed: {e}"}
-    return {"method": method, "values": dict(values), "note": ""}
+        return {"method": method, "values": {}, "note": f"could not be computed: {e}", "left_out": [], "complete": n}
+    searched = {p for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for p in t.params}
+    # Optuna ranks the parameters every complete trial has: a conditional one (momentum, SGD only)
+    # is left out rather than shown as 0.
+    left_out = sorted(searched - set(values))
+    return {"method": method, "values": dict(values), "note": "", "left_out": left_out, "complete": n}
 
 
 def reproduce(cfg: StudyConfig, result: dict, out_dir: Path, name: str) -> dict:
@@ -208,30 +226,16 @@ def reproduce(cfg: StudyConfig, result: dict, out_dir: Path, name: str) -> dict:
 
 
 def to_toml(conf: dict) -> str:
-    lines = []
-    for section, table in conf.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-        lines.append("")
-    return "\n".join(lines)
+    """`conf` as TOML; None means "not set" and is left out (TOML has no null)."""
+    return tomli_w.dumps(_drop_none(conf))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"TOML has no value for {v=}")
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON's string escapes are valid TOML basic-string escapes
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML, but got {v=}")
+def _drop_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _drop_none(v) for k, v in x.items() if v is not None}
+    if isinstance(x, (list, tuple)):
+        return [_drop_none(v) for v in x]
+    return x
 
 
 def _finite(x: Any) -> Any:
@@ -245,64 +249,132 @@ def _finite(x: Any) -> Any:
     return x
 
 
+# --- why this model -----------------------------------------------------------------------------
+
+
+def why_this_model(study: optuna.Study, winner: FrozenTrial, result: dict, storage_url: str) -> dict:
+    """How far the winner's lead can be trusted, and what in the result needs a second look."""
+    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                   if t.value is not None), key=lambda t: (t.value, t.number))
+    noise = seed_noise(result["selection"])
+    runners = [t for t in done if t.number != winner.number][:RUNNERS_UP]
+    next_best = []
+    for t in runners:
+        gap = t.value - winner.value if winner.value is not None else None
+        row = {"trial": t.number, "value": t.value, "gap": gap, "verdict": None}
+        if noise["std"] and gap is not None:
+            # Two single-seed runs differ by sqrt(2) seed standard deviations on average.
+            row["z"] = gap / (math.sqrt(2) * noise["std"])
+            row["verdict"] = _verdict(row["z"])
+        next_best.append(row)
+    command = shlex.join(["hpsearch", "finalize", "--study", study.study_name, "--storage", redact(storage_url),
+                          "--top-k", str(RUNNERS_UP + 1), "--seeds", "3", "--force"])
+    return {
+        "next_best": next_best,
+        "seed_noise": noise,
+        "measure_command": command,
+        "complete_trials": len(done),
+        "min_trials_for_importances": MIN_TRIALS_FOR_IMPORTANCES,
+        "unused_params": unused_params(result["hparams"], {p for t in done for p in t.params}),
+        "class_coverage": class_coverage(result),
+    }
+
+
+def _verdict(z: float) -> str:
+    if z >= 2:
+        return "larger than seed noise"
+    if z >= 1:
+        return "about the size of seed noise"
+    return "within seed noise"
+
+
+def seed_noise(selection: dict) -> dict:
+    """The seed-to-seed standard deviation of the validation loss, from `--top-k/--seeds` runs.
+
+    Pooled over the re-trained configurations (each with 2+ seeds). With two or more of them, the
+    winner's lead in mean validation loss over each other one is given in standard errors of the
+    difference of two means (z).
+    """
+    rows = [c for c in selection.get("candidates", []) if c.get("mean_val_loss") is not None and len(c["runs"]) > 1]
+    if not rows:
+        return {"measured": False, "std": None, "seeds": 0, "configurations": 0, "comparisons": []}
+    std = math.sqrt(statistics.fmean(c["std_val_loss"] ** 2 for c in rows))
+    seeds = min(len(c["runs"]) for c in rows)
+    best = min(rows, key=lambda c: c["mean_val_loss"])
+    comparisons = []
+    for c in sorted(rows, key=lambda c: c["mean_val_loss"]):
+        if c is best:
+            continue
+        lead = c["mean_val_loss"] - best["mean_val_loss"]
+        z = lead / (std * math.sqrt(2 / seeds)) if std > 0 else math.inf
+        comparisons.append({"trial": c["trial"], "lead": lead, "z": z, "verdict": _verdict(z)})
+    return {"measured": True, "std": std, "seeds": seeds, "configurations": len(rows), "comparisons": comparisons}
+
+
+def unused_params(hparams: dict, searched: set[str]) -> list[dict]:
+    """Searched settings the winner carries but does not use (momentum exists for SGD only).
+
+    A fixed momentum is not flagged: nobody reads a search result into it.
+    """
+    opt = hparams.get("optimizer")
+    if opt and opt != "sgd" and "momentum" in searched:
+        return [{"param": "momentum", "message": f"momentum is not used by the winner's optimizer ({opt}); "
+                                                 f"its value and importance say nothing about this model"}]
+    return []
+
+
+def class_coverage(result: dict) -> list[str]:
+    """Classes the evaluation cannot speak for: no test or no validation images, and the data's own
+    warnings (classes too small for every part of the split)."""
+    out = list(result.get("data_warnings") or [])
+    for c in result["test"]["per_class"]:
+        if not c["support"]:
+            out.append(f"class {c['class']} has no test images: its recall is unmeasured")
+    val_counts = result["validation"].get("class_counts") or []
+    for name, n in zip(result["test"]["classes"], val_counts):
+        if not n:
+            out.append(f"class {name} has no validation images: the search never scored it")
+    return out
+
+
 # --- figures ------------------------------------------------------------------------------------
 
 
-def figures(doc: dict) -> dict[str, str]:
-    trials = doc["trials"]
-    winner = doc["result"]["trial"]
-    complete = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
-    pruned = [t for t in trials if t["state"] == "pruned" and t["intermediate_values"]]
-    best, best_line = math.inf, []
-    for t in sorted(complete, key=lambda t: t["number"]):
-        best = min(best, t["value"])
-        best_line.append((t["number"], best))
-    history = svgplot.line_chart(
-        [
-            svgplot.Series([(t["number"], t["value"]) for t in complete], svgplot.BLUE, "complete",
-                           line=False, marker="circle"),
-            svgplot.Series([(t["number"], t["intermediate_values"][-1][1]) for t in pruned], svgplot.GREY,
-                           "pruned (last reported)", line=False, marker="cross"),
-            svgplot.Series(best_line, svgplot.ORANGE, "best so far"),
-            svgplot.Series([(t["number"], t["value"]) for t in complete if t["number"] == winner],
-                           svgplot.RED, f"winner (trial {winner})", line=False, marker="circle"),
-        ],
-        title="Optimization history", xlabel="trial", ylabel=OBJECTIVE_NAME, log_y=True,
-    )
-    series = []
-    labelled: set[str] = set()
-    for t in trials:
-        pts = [tuple(p) for p in t["intermediate_values"]]
-        if not pts or t["number"] == winner:
-            continue
-        kind = t["state"]
-        label = {"complete": "complete", "pruned": "pruned (x: where it stopped)"}.get(kind, kind)
-        color = {"complete": svgplot.BLUE, "pruned": svgplot.GREY}.get(kind, svgplot.PURPLE)
-        series.append(svgplot.Series(
-            pts, color, label if label not in labelled else "", dashed=kind != "complete",
-            opacity=0.65, end_marker="cross" if kind == "pruned" else None,
-        ))
-        labelled.add(label)
+def figures(study: optuna.Study, doc: dict) -> list[plots.Plot]:
+    trials, r = doc["trials"], doc["result"]
+    winner = r["trial"]
+    values = [t["value"] for t in trials if t["state"] == "complete" and t["value"] is not None]
+    steps = [v for t in trials for _, v in t["intermediate_values"]]
+    complete = [t for t in trials if t["state"] == "complete"]
+    everywhere = set.intersection(*(set(t["params"]) for t in complete)) if complete else set()
+    # Parameters by importance, the winner's own ones (a conditional one it lacks says nothing of it).
+    ranked = [p for p in doc["importances"]["values"] if p in r["params"]]
+    ranked += sorted(set(r["params"]) - set(ranked))
     won = next(t for t in trials if t["number"] == winner)
-    series.append(svgplot.Series([tuple(p) for p in won["intermediate_values"]], svgplot.RED,
-                                 f"winner (trial {winner})", marker="circle"))
-    curves = svgplot.line_chart(series, title="Learning curves (validation loss per epoch)",
-                                xlabel="epoch", ylabel=OBJECTIVE_NAME, log_y=True)
-    imp = doc["importances"]["values"]
-    importance = svgplot.bar_chart(list(imp), list(imp.values()), title="Parameter importances",
-                                   xlabel=doc["importances"]["method"])
-    return {"history": history, "curves": curves, "importance": importance}
+    curve = won["curve"] or [[e, None, None, v, None] for e, v in won["intermediate_values"]]
+    test = r["test"]
+    return [
+        plots.history(study, winner, values),
+        plots.intermediate(study, winner, steps),
+        plots.curves(curve, winner),
+        plots.parallel(study, [p for p in ranked if p in everywhere]),
+        plots.slices(study, ranked[:4]),
+        plots.contour(study, ranked[:2]),
+        plots.importances(study),
+        plots.timeline(study),
+        plots.confusion(test["classes"], test["confusion_matrix"]),
+    ]
 
 
-# --- the document -------------------------------------------------------------------------------
+# --- rendering ----------------------------------------------------------------------------------
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2%}"
+    return "-" if x is None or isinstance(x, jinja2.Undefined) else f"{x:.2%}"
 
 
 def _num(x: Any) -> str:
-    if x is None:
+    if x is None or isinstance(x, jinja2.Undefined):  # a key an older record lacks
         return "-"
     if isinstance(x, float):
         return f"{x:.4g}"
@@ -318,288 +390,62 @@ def _duration(s: float | None) -> str:
     return f"{h} h {m} min" if h else f"{m} min {sec} s" if m else f"{sec} s"
 
 
-def summary_blocks(doc: dict) -> list[tuple]:
-    r, st, t = doc["result"], doc["study"], doc["result"]["test"]
-    uses = doc["test_split_uses"]
-    states = ", ".join(f"{n} {k}" for k, n in st["trials_by_state"].items())
-    val = r["validation"]
-    items = [
-        f"**Winner:** trial {r['trial']}; {r['source']}.",
-        f"**Test:** accuracy **{_pct(t['accuracy'])}**, loss {t['loss']:.4f} on {t['images']:,} held-out "
-        f"images; evaluated {r['finished_at']} on {r['device']} with hpsearch {r['code_version']} "
-        f"(use {r['use']} of the test split).",
-        f"**Validation:** loss {val['loss']:.4f}, accuracy {_pct(val['accuracy'])} (best epoch "
-        f"{_num(val['best_epoch'])} of {_num(val['epochs'])}).",
-    ]
-    won = [c for c in r["selection"]["candidates"] if c.get("winner")]
-    if won:
-        c = won[0]
-        items.append(f"**Selection:** mean validation loss {_num(c['mean_val_loss'])} ± {c['std_val_loss']:.2g} "
-                     f"over {len(c['runs'])} seed(s), best of {r['selection']['top_k']} re-trained configuration(s).")
-    n_workers, n_hosts = len(st["workers"]), len(st["hosts"])
-    items.append(
-        f"**Search:** {st['trials']} trials ({states}); budget {st['budget']['finished']}/"
-        f"{st['budget']['n_trials']} finished; wall time {_duration(st['wall_time_s'])} "
-        f"({_duration(st['compute_time_s'])} of training) on {n_workers} worker(s), {n_hosts} host(s)."
-    )
-    edges = doc["edge_warnings"]
-    items.append(
-        f"**Range edges:** {len(edges)} best parameter(s) at the edge of the search range: "
-        + ", ".join(f"{e['param']} ({e['edge']})" for e in edges) + "."
-        if edges else "**Range edges:** no best parameter is at the edge of its search range."
-    )
-    blocks: list[tuple] = [("ul", items)]
-    if len(uses) > 1:
-        blocks.append(("warn", f"The test split has been used {len(uses)} times (see below). Only the "
-                               f"first evaluation is an unbiased estimate; later ones may have been "
-                               f"influenced by earlier results."))
-    blocks += [("h", 2, "Test split uses"), uses_table(uses)]
-    return blocks
-
-
-def uses_table(uses: list[dict]) -> tuple:
-    rows = [[u.get("n"), u.get("at"), u.get("trial"), "yes" if u.get("forced") else "no",
-             _pct(u.get("test_accuracy")), _num(u.get("test_loss")), "@".join(x for x in (u.get("user"), u.get("host")) if x),
-             u.get("code_version"), f"`{u['command']}`" if u.get("command") else "-"] for u in uses]
-    return ("table", ["#", "when (UTC)", "trial", "--force", "test accuracy", "test loss", "by", "code", "command"],
-            rows)
-
-
-def document(doc: dict) -> list[tuple]:
-    r, st, test = doc["result"], doc["study"], doc["result"]["test"]
-    space = st["search_space"]
-    b: list[tuple] = [
-        ("h", 1, f"hpsearch report: study `{st['name']}`"),
-        ("p", f"Generated {doc['generated_at']} by hpsearch {doc['hpsearch_version']} from storage "
-              f"`{st['storage']}`; study file `{st['source']}` (fingerprint {st['fingerprint']}), "
-              f"dataset {st['dataset']}, train/validation/test split {st['split']}."),
-        ("h", 2, "Summary"),
-        *summary_blocks(doc),
-    ]
-    for e in doc["edge_warnings"]:
-        b.append(("warn", e["message"]))
-    for w in r.get("data", {}).get("warnings", []):  # a class missing from a part of the split
-        b.append(("warn", w))
-
-    b += [("h", 2, f"Winner: trial {r['trial']}"), ("p", r["source"] + ".")]
-    edges = {e["param"]: e["edge"] for e in doc["edge_warnings"]}
-    rows = []
-    for name, value in r["hparams"].items():
-        d = space.get(name, {"fixed": value})
-        rng = ("fixed" if "fixed" in d else f"{d['choices']}" if "choices" in d
-               else f"[{d['low']:g}, {d['high']:g}]" + (" log" if d["log"] else ""))
-        note = f"at the {edges[name]} edge" if name in edges else ""
-        if name == "momentum" and r["hparams"].get("optimizer") != "sgd":
-            note = f"unused by {r['hparams'].get('optimizer')}"
-        rows.append([name, _num(value), rng, note])
-    b.append(("table", ["parameter", "value", "search range", "note"], rows))
-    val = r["validation"]
-    b.append(("ul", [
-        f"validation loss {val['loss']:.4f} (the search recorded {_num(r['search_value'])}), accuracy "
-        f"{_pct(val['accuracy'])}, best epoch {_num(val['best_epoch'])} of {_num(val['epochs'])}",
-        f"seed {r['seed']}; weights: {r['weights_artifact'] or '-'}",
-    ]))
-
-    sel = r["selection"]
-    if sel["candidates"]:
-        b += [("h", 2, "Selection on validation"), ("p", sel["method"] + ".")]
-        rows = []
-        for c in sel["candidates"]:
-            runs = ", ".join(f"seed {x['seed']}: {_num(x['val_loss'])}" for x in c["runs"])
-            rows.append([c["trial"], _num(c["search_value"]), runs,
-                         f"{_num(c['mean_val_loss'])} ± {c['std_val_loss']:.2g}", _pct(c["mean_val_accuracy"]),
-                         "**winner**" if c.get("winner") else ""])
-        b.append(("table", ["trial", "search val loss", "re-trained val loss", "mean ± std", "mean val acc", ""],
-                  rows))
-        ranked = sorted((c for c in sel["candidates"] if c["mean_val_loss"] is not None),
-                        key=lambda c: c["mean_val_loss"])
-        if len(ranked) > 1 and ranked[1]["mean_val_loss"] - ranked[0]["mean_val_loss"] < max(
-                ranked[0]["std_val_loss"], ranked[1]["std_val_loss"]):
-            b.append(("p", f"The winner's lead over trial {ranked[1]['trial']} is smaller than the seed-to-seed "
-                           f"standard deviation: within seed noise, the two are equally good."))
-
-    b += [("h", 2, "Test results"), ("ul", [
-        f"accuracy {_pct(test['accuracy'])} ({test['correct']:,} of {test['images']:,}), loss {test['loss']:.4f}",
-        f"test part fingerprint {test.get('fingerprint', '-')}; evaluated in {r['seconds']:.1f} s "
-        f"(selection included) on {r['device']} ({r['host']})",
-    ])]
-    b.append(("table", ["class", "precision", "recall", "support"],
-              [[c["class"], _pct(c["precision"]), _pct(c["recall"]), c["support"]] for c in test["per_class"]]))
-    b += [("p", "Confusion matrix (rows: true class, columns: predicted class):"),
-          ("heat", test["classes"], test["confusion_matrix"])]
-
-    states = st["trials_by_state"]
-    bud = st["budget"]
-    b += [("h", 2, "The study"),
-          ("table", ["state", "trials"], [[k, v] for k, v in states.items()] + [["**all**", st["trials"]]]),
-          ("ul", [
-              f"budget: {bud['finished']} of {bud['n_trials']} trials finished ({bud['complete']} complete, "
-              f"{bud['pruned']} pruned, {bud['failed']} failed, {bud['running']} running)"
-              + (f"; timeout {bud['timeout_minutes']:g} min" if bud["timeout_minutes"] else ""),
-              f"wall time {_duration(st['wall_time_s'])} ({st['first_start']} to {st['last_end']}); "
-              f"training time summed over trials {_duration(st['compute_time_s'])}",
-              f"created {st['created_at']} by {st['created_by']}; up to {st['max_epochs']} epochs per trial",
-              "sampler: " + ", ".join(f"{k}={v}" for k, v in st["sampler"].items()),
-              "pruner: " + ", ".join(f"{k}={v}" for k, v in st["pruner"].items()),
-          ]),
-          ("table", ["worker (host:pid)", "trials"], [[w["worker"], w["trials"]] for w in st["workers"]]),
-          ("table", ["host", "trials"], [[h["host"], h["trials"]] for h in st["hosts"]])]
-
-    n_pruned = states.get("pruned", 0)
-    b += [("h", 2, "Optimization history"), ("fig", "history", "Validation loss of each trial, and the best so far"),
-          ("h", 2, "Learning curves"),
-          ("fig", "curves", f"Validation loss per epoch of every trial; the {n_pruned} pruned trial(s) "
-                            f"are dashed and end with a cross")]
-    imp = doc["importances"]
-    b.append(("h", 2, "Parameter importances"))
-    if imp["values"]:
-        b += [("fig", "importance", imp["method"]),
-              ("table", ["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in imp["values"].items()])]
-    else:
-        b.append(("p", f"Not available: {imp['note']}."))
-    b.append(("h", 2, "Best parameters at the edge of their range"))
-    b.append(("ul", [e["message"] for e in doc["edge_warnings"]]) if doc["edge_warnings"]
-             else ("p", f"None: every best parameter lies inside the middle {1 - 2 * EDGE:.0%} of its range."))
-
-    m = r["model"]
-    b += [("h", 2, "Model"),
-          ("table", ["layer", "type", "settings", "output shape", "parameters"],
-           [[x["name"], x["type"], x["detail"], "×".join(map(str, x["output_shape"])), f"{x['parameters']:,}"]
-            for x in m["layers"]]),
-          ("ul", [f"input {'×'.join(map(str, m['input_shape']))}; {m['parameters']:,} parameters; "
-                  f"{m['size_bytes'] / 1024:.1f} KiB of weights; {m['flops_per_sample'] / 1e6:.2f} MFLOPs per image"])]
-
-    rep = doc["reproduce"]
-    b += [("h", 2, "Reproduce the winner"),
-          ("p", f"Run from the folder `finalize` ran in. `{rep['study_file']}` fixes every knob at the winner's value "
-                f"and sets the seed; the run should end with a validation loss of about "
-                f"{rep['expected_val_loss']:.4f} (exactly, on the same hardware and thread count)."),
-          ("code", rep["command"])]
-
-    rows = []
-    for t in doc["trials"]:
-        params = ", ".join(f"{k}={_num(v)}" for k, v in sorted(t["params"].items()))
-        rows.append([t["number"], t["state"], _num(t["value"]), _pct(t["val_accuracy"]), _num(t["epochs"]),
-                     t["stop_reason"] or "", params])
-    b += [("h", 2, "All trials"), ("table", ["trial", "state", "val loss", "val acc", "epochs", "stopped", "params"],
-                                   rows)]
-    return b
-
-
-# --- rendering ----------------------------------------------------------------------------------
-
-
-def _md_cell(x: Any) -> str:
+def _cell(x: Any) -> str:
+    """A Markdown table cell: no pipe or newline may end it early."""
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(blocks: list[tuple], figure_files: bool = True) -> str:
-    out = []
-    for blk in blocks:
-        kind = blk[0]
-        if kind == "h":
-            out.append("#" * blk[1] + " " + blk[2])
-        elif kind == "p":
-            out.append(blk[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in blk[1]))
-        elif kind == "warn":
-            out.append(f"> **Warning:** {blk[1]}")
-        elif kind == "table":
-            head, rows = blk[1], blk[2]
-            lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
-            out.append("\n".join(lines))
-        elif kind == "heat":
-            classes, cm = blk[1], blk[2]
-            lines = ["| true \\ predicted | " + " | ".join(map(_md_cell, classes)) + " |",
-                     "|" + "---|" * (len(classes) + 1)]
-            lines += ["| " + " | ".join([f"**{_md_cell(c)}**", *(str(v) for v in row)]) + " |"
-                      for c, row in zip(classes, cm)]
-            out.append("\n".join(lines))
-        elif kind == "fig":
-            if figure_files:
-                out.append(f"![{blk[2]}]({blk[1]}.svg)")
-        elif kind == "code":
-            out.append(f"```bash\n{blk[1]}\n```")
-        else:
-            raise ValueError(f"unknown block kind, but got {kind=}")
-    return "\n\n".join(out) + "\n"
+def _range(d: dict) -> str:
+    if "fixed" in d:
+        return "fixed"
+    if "choices" in d:
+        return str(d["choices"])
+    return f"[{d['low']:g}, {d['high']:g}]" + (" log" if d["log"] else "")
 
 
-def _inline(text: str) -> str:
-    """Escape, then the two bits of Markdown the document uses: **bold** and `code`."""
-    html = escape(str(text))
-    html = re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html)
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("hpsearch", "templates"), autoescape=False,
+    trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+)
+_templates.filters.update(pct=_pct, num=_num, duration=_duration, cell=_cell, range=_range)
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;
-text-align:left;vertical-align:top}th{background:#f3f3f3}code,pre{background:#f5f5f5;border-radius:3px}
-code{padding:0 .2em}pre{padding:.7em;overflow-x:auto}.warn{background:#fff4e5;border-left:4px solid #E69F00;
-padding:.5em .8em;margin:.6em 0}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}
-table.heat td{text-align:right;min-width:2.6em}svg{max-width:100%;height:auto}
-"""
-
-
-def render_html(blocks: list[tuple], figs: dict[str, str], title: str) -> str:
-    out = []
-    for blk in blocks:
-        kind = blk[0]
-        if kind == "h":
-            out.append(f"<h{blk[1]}>{_inline(blk[2])}</h{blk[1]}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline(blk[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in blk[1]) + "</ul>")
-        elif kind == "warn":
-            out.append(f'<div class="warn"><strong>Warning:</strong> {_inline(blk[1])}</div>')
-        elif kind == "table":
-            head = "".join(f"<th>{_inline(h)}</th>" for h in blk[1])
-            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in blk[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "heat":
-            classes, cm = blk[1], blk[2]
-            top = max((v for row in cm for v in row), default=1) or 1
-            head = "<th>true \\ predicted</th>" + "".join(f"<th>{escape(str(c))}</th>" for c in classes)
-            rows = []
-            for c, row in zip(classes, cm):
-                cells = []
-                for v in row:
-                    alpha = 0.08 + 0.85 * v / top if v else 0.0
-                    ink = "#fff" if alpha > 0.55 else "#222"
-                    cells.append(f'<td style="background:rgba(0,114,178,{alpha:.2f});color:{ink}">{v}</td>')
-                rows.append(f"<tr><th>{escape(str(c))}</th>{''.join(cells)}</tr>")
-            out.append(f'<table class="heat"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
-        elif kind == "fig":
-            out.append(f"<figure>{figs[blk[1]]}<figcaption>{_inline(blk[2])}</figcaption></figure>")
-        elif kind == "code":
-            out.append(f"<pre><code>{escape(blk[1])}</code></pre>")
-        else:
-            raise ValueError(f"unknown block kind, but got {kind=}")
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(out) + "\n</body></html>\n"
+def render_markdown(doc: dict, figs: list[plots.Plot], template: str = "report.md.j2") -> str:
+    return _templates.get_template(template).render(
+        doc=doc, r=doc["result"], st=doc["study"], test=doc["result"]["test"], why=doc["why"], figs=figs,
+        edge=EDGE, min_imp=MIN_TRIALS_FOR_IMPORTANCES,
     )
 
 
-def write_report(doc: dict, out_dir: Path) -> list[Path]:
+def render_html(markdown: str, figs: list[plots.Plot], title: str) -> str:
+    """The Markdown as one HTML page; each figure reference becomes the figure itself, inline."""
+    inline = {f"{p.name}.svg": plots.inline(p.svg) for p in figs if p.svg}
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+    def image(renderer, tokens, idx, options, env):
+        token = tokens[idx]
+        caption = escape(renderer.renderInlineAsText(token.children or [], options, env))
+        svg = inline.get(str(token.attrGet("src")))
+        if svg is None:
+            return f"<em>[{caption}]</em>"
+        return f'<figure class="plot">{svg}<figcaption>{caption}</figcaption></figure>'
+
+    md.add_render_rule("image", image)
+    body = md.render(markdown)
+    return _templates.get_template("report.html.j2").render(title=title, body=body)
+
+
+def write_report(study: optuna.Study, doc: dict, out_dir: Path) -> list[Path]:
     """report.json, report.md (+ its SVG figures), report.html (self-contained), reproduce.toml."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = document(doc)
-    figs = figures(doc)
+    figs = figures(study, doc)
+    markdown = render_markdown(doc, figs)
     files = {
         "report.json": json.dumps(doc, indent=2, allow_nan=False) + "\n",
-        "report.md": render_markdown(blocks),
-        "report.html": render_html(blocks, figs, f"hpsearch report: {doc['study']['name']}"),
+        "report.md": markdown,
+        "report.html": render_html(markdown, figs, f"hpsearch report: {doc['study']['name']}"),
         "reproduce.toml": doc["reproduce"]["study_file_text"],
-        **{f"{name}.svg": svgplot.to_file(svg) for name, svg in figs.items()},
+        **{f"{p.name}.svg": p.svg for p in figs if p.svg},
     }
     written = []
     for name, text in files.items():
@@ -611,11 +457,6 @@ def write_report(doc: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def save_dashboard_note(study: optuna.Study, doc: dict) -> None:
-    """The summary as the study's note in optuna-dashboard, where everyone watching will see it."""
-    from optuna_dashboard import save_note
-
-    body = render_markdown(
-        [("h", 2, "Final test evaluation (hpsearch finalize)"), *summary_blocks(doc)], figure_files=False
-    )
-    save_note(study, body)
+def note_section(doc: dict) -> str:
+    """The summary, as the section finalize adds to the study's dashboard note."""
+    return render_markdown(doc, [], template="note.md.j2")

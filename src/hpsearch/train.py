@@ -58,6 +58,7 @@ class EpochStats:
     loss: float  # mean training loss
     samples: int
     seconds: float
+    accuracy: float = 0.0  # on the training batches as trained (random crops, dropout on)
 
     @property
     def samples_per_s(self) -> float:
@@ -90,6 +91,7 @@ def train_epoch(
     n = len(data)
     order = torch.randperm(n, device=device, generator=generator)
     loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
     for i in range(0, n, batch_size):
         if should_stop():
             raise Interrupted(f"stopped on request during an epoch, after {i} of {n} samples")
@@ -104,8 +106,9 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
-    mean_loss = loss_sum.item() / n  # the epoch's one host sync
-    return EpochStats(loss=mean_loss, samples=n, seconds=time.perf_counter() - start)
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+    mean_loss, accuracy = (torch.stack([loss_sum, correct.to(loss_sum.dtype)]) / n).tolist()  # one host sync
+    return EpochStats(loss=mean_loss, samples=n, seconds=time.perf_counter() - start, accuracy=accuracy)
 
 
 @torch.inference_mode()
