@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from hpsearch.config import STUDIES_DIR, load_config, shipped_studies
+from pydantic import ValidationError
+
+from hpsearch.config import STUDIES_DIR, StudyConfig, load_config, shipped_studies
 from hpsearch.errors import ConfigError
 
 GOOD = """\
@@ -201,3 +203,16 @@ def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     p = tmp_path / "bom.toml"
     p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
     assert load_config(p).study.name == "t"
+
+
+def test_a_recorded_config_skips_the_newer_bounds(tmp_path: Path) -> None:
+    # finalize reads the config back from the study: one made before a bound existed still loads.
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD)
+    raw = load_config(p).model_dump(mode="json")
+    raw["search"]["dropout"] = 0.95
+    raw["pruner"]["n_warmup_steps"] = 5
+    with pytest.raises(ValidationError):
+        StudyConfig.model_validate(raw)
+    cfg = StudyConfig.model_validate(raw, context={"recorded": True})
+    assert cfg.search.dropout == 0.95 and cfg.pruner.n_warmup_steps == 5

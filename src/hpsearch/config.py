@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -144,21 +145,21 @@ class SearchSpace(_Frozen):
 
     @field_validator("lr")
     @classmethod
-    def _positive_lr(cls, v: FloatKnob) -> FloatKnob:
+    def _positive_lr(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
         low, high = _span(v)
         if low <= 0:
             raise ValueError(f"the learning rate must be > 0, but got {low}")
-        _raise(_bounds_error("the learning rate", low, high, 0, MAX_LR,
+        _raise(None if _recorded(info) else _bounds_error("the learning rate", low, high, 0, MAX_LR,
                              "a step this large overflows the weights within an epoch"))
         return v
 
     @field_validator("weight_decay")
     @classmethod
-    def _non_negative(cls, v: FloatKnob) -> FloatKnob:
+    def _non_negative(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
         low, high = _span(v)
         if low < 0:
             raise ValueError(f"must be >= 0, but got {low}")
-        _raise(_bounds_error("weight decay", low, high, 0, MAX_WEIGHT_DECAY,
+        _raise(None if _recorded(info) else _bounds_error("weight decay", low, high, 0, MAX_WEIGHT_DECAY,
                              "a decay above 1 outweighs the loss and drives the weights to zero"))
         return v
 
@@ -172,28 +173,34 @@ class SearchSpace(_Frozen):
 
     @field_validator("dropout")
     @classmethod
-    def _dropout_cap(cls, v: FloatKnob) -> FloatKnob:
+    def _dropout_cap(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
         lo, hi = _span(v)
-        _raise(_bounds_error("dropout", lo, hi, 0.0, MAX_DROPOUT,
+        _raise(None if _recorded(info) else _bounds_error("dropout", lo, hi, 0.0, MAX_DROPOUT,
                              "beyond it too few activations reach the classifier for it to learn"))
         return v
 
     @field_validator("conv1_channels", "conv2_channels")
     @classmethod
-    def _channel_cap(cls, v: Any) -> Any:
+    def _channel_cap(cls, v: Any, info: ValidationInfo) -> Any:
         lo, hi = _span(v)
-        _raise(_bounds_error("channel counts", lo, hi, 1, MAX_CHANNELS,
+        _raise(None if _recorded(info) else _bounds_error("channel counts", lo, hi, 1, MAX_CHANNELS,
                              "wider, one batch's activations need gigabytes; the seed CNN uses 32 and 64"))
         return v
 
     @field_validator("batch_size")
     @classmethod
-    def _batch_bounds(cls, v: Any) -> Any:
+    def _batch_bounds(cls, v: Any, info: ValidationInfo) -> Any:
         lo, hi = _span(v)
-        _raise(_bounds_error("batch sizes", lo, hi, MIN_BATCH, MAX_BATCH,
+        _raise(None if _recorded(info) else _bounds_error("batch sizes", lo, hi, MIN_BATCH, MAX_BATCH,
                              f"below {MIN_BATCH} per-step overhead and gradient noise swamp training; "
                              f"above {MAX_BATCH} one batch is most of a training split"))
         return v
+
+
+def _recorded(info: ValidationInfo) -> bool:
+    """Bounds added after a study was made must not stop it from being finalized: a config read
+    back from a study (`context={"recorded": True}`) skips them."""
+    return bool(info.context and info.context.get("recorded"))
 
 
 def _raise(message: str | None) -> None:
@@ -303,7 +310,9 @@ class StudyConfig(_Frozen):
     source: str = Field(default="", exclude=True)
 
     @model_validator(mode="after")
-    def _pruner_fits_epochs(self) -> "StudyConfig":
+    def _pruner_fits_epochs(self, info: ValidationInfo) -> "StudyConfig":
+        if _recorded(info):
+            return self  # made by an earlier version: finalize it as it ran
         p, epochs = self.pruner, self.training.max_epochs
         if p.type == "hyperband" and p.min_resource > epochs:
             raise ValueError(

@@ -115,7 +115,7 @@ def study_config(study: optuna.Study, file_cfg: StudyConfig | None) -> StudyConf
             )
         return file_cfg
     try:
-        cfg = StudyConfig.model_validate(meta["config"])
+        cfg = StudyConfig.model_validate(meta["config"], context={"recorded": True})
     except ValidationError as e:
         raise StorageError(
             f"the config recorded in study {study.study_name!r} does not validate with hpsearch "
