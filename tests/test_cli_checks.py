@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import os
 import secrets
 import sqlite3
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import optuna
 import psycopg2
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -175,3 +179,37 @@ def test_plain_postgresql_url_uses_psycopg2_and_status_creates_no_tables(tmp_pat
     # It connected (psycopg2) and found no tables; it created none.
     assert_one_line_rejection(r, "holds no study yet", "postgresql+psycopg2://")
     assert pg_tables(user, name) == []
+
+
+# --- shipped studies in an installed wheel ----------------------------------------------------------
+
+
+def test_shipped_studies_are_found_in_an_installed_wheel_from_any_folder(tmp_path: Path) -> None:
+    # Build the wheel as `pip install .` would, and put its contents first on the path in place of
+    # the source checkout: `--study cnn` must find the study file inside the package.
+    out = tmp_path / "dist"
+    b = subprocess.run(["uv", "build", "--wheel", "-o", str(out), str(REPO)], capture_output=True, text=True,
+                       timeout=300)
+    assert b.returncode == 0, b.stderr
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(out.glob("hpsearch-*.whl"))) as whl:
+        whl.extractall(site)
+    assert (site / "hpsearch" / "studies" / "cnn.toml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    probe = run_cli("status", "--study", "cnn", cwd=elsewhere, env=env)
+    # The study file loaded (from the wheel); only the storage is missing.
+    assert_one_line_rejection(probe, "no study storage at hpsearch.db")
+    where = subprocess.run(
+        [sys.executable, "-c", "import hpsearch.config as c; print(c.resolve_study_path('cnn'))"],
+        cwd=elsewhere, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )
+    assert where.stdout.strip() == str(site / "hpsearch" / "studies" / "cnn.toml"), where.stderr
+
+
+def test_finalize_records_the_commit_from_the_environment_without_git(tmp_path: Path) -> None:
+    code = "from hpsearch.finalize import code_version; print(code_version())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HPSEARCH_GIT_COMMIT": "0123456789abcdef0123"})
+    assert r.stdout.strip().endswith("+g0123456789ab"), r.stdout + r.stderr

@@ -7,6 +7,7 @@ A study file is data: the search space, the data split, training, sampler, prune
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import tomllib
 from pathlib import Path
@@ -26,8 +27,15 @@ from pydantic import (
 
 from hpsearch.errors import ConfigError
 
-# Shipped study files live in <repo>/studies; a user's own can be anywhere (`--study path.toml`).
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+def _shipped_dir() -> Path:
+    """The shipped study files: inside the installed package (a wheel or an image, where
+    pyproject.toml force-includes them), else `<repo>/studies` in a source checkout."""
+    packaged = Path(str(importlib.resources.files("hpsearch") / "studies"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "studies"
+
+
+# A user's own study files can be anywhere (`--study path.toml`).
+STUDIES_DIR = _shipped_dir()
 
 
 class _Frozen(BaseModel):
