@@ -415,7 +415,9 @@ def load_config(study: str | Path) -> StudyConfig:
         raise ConfigError(str(path), [f"not valid TOML ({e})"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), [f"cannot read the file ({e})"]) from None
-    raw.setdefault("study", {}).setdefault("name", path.stem)
+    section = raw.setdefault("study", {})
+    if isinstance(section, dict):  # anything else is reported by the validation below
+        section.setdefault("name", path.stem)
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as e:
