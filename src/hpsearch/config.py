@@ -55,12 +55,19 @@ MAX_EPOCHS = 1000  # a trial longer than this would run for days; the budget cou
 MAX_SECONDS = 86_400  # a day: for heartbeats, grace periods and reconnect waits
 
 
-def _bounds_error(what: str, lo: float, hi: float, low: float, high: float, reason: str) -> str | None:
-    """A message when [lo, hi] (a fixed value has lo == hi) leaves [low, high], with the reason."""
+def _check_bounds(info: ValidationInfo, what: str, span: tuple[float, float], low: float, high: float,
+                  reason: str) -> None:
+    """Refuse a knob whose span (a fixed value: (v, v)) leaves [low, high], giving the reason.
+
+    A config read back from a study (finalize: `context={"recorded": True}`) skips these bounds:
+    a study made before a bound existed must still be finalized as it ran.
+    """
+    lo, hi = span
+    if info.context and info.context.get("recorded"):
+        return
     if lo < low or hi > high:
         got = f"{lo}" if lo == hi else f"{lo}..{hi}"
-        return f"{what} must lie in [{low}, {high}], but got {got} ({reason})"
-    return None
+        raise ValueError(f"{what} must lie in [{low:g}, {high:g}], but got {got} ({reason})")
 
 
 def _span(v: Any) -> tuple[float, float]:
@@ -157,8 +164,8 @@ class SearchSpace(_Frozen):
         low, high = _span(v)
         if low <= 0:
             raise ValueError(f"the learning rate must be > 0, but got {low}")
-        _raise(None if _recorded(info) else _bounds_error("the learning rate", low, high, 0, MAX_LR,
-                             "a step this large overflows the weights within an epoch"))
+        _check_bounds(info, "the learning rate", (low, high), 0, MAX_LR,
+                      "a step this large overflows the weights within an epoch")
         return v
 
     @field_validator("weight_decay")
@@ -167,8 +174,8 @@ class SearchSpace(_Frozen):
         low, high = _span(v)
         if low < 0:
             raise ValueError(f"must be >= 0, but got {low}")
-        _raise(None if _recorded(info) else _bounds_error("weight decay", low, high, 0, MAX_WEIGHT_DECAY,
-                             "a decay above 1 outweighs the loss and drives the weights to zero"))
+        _check_bounds(info, "weight decay", (low, high), 0, MAX_WEIGHT_DECAY,
+                      "a decay above 1 outweighs the loss and drives the weights to zero")
         return v
 
     @field_validator("dropout", "momentum")
@@ -182,38 +189,24 @@ class SearchSpace(_Frozen):
     @field_validator("dropout")
     @classmethod
     def _dropout_cap(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
-        lo, hi = _span(v)
-        _raise(None if _recorded(info) else _bounds_error("dropout", lo, hi, 0.0, MAX_DROPOUT,
-                             "beyond it too few activations reach the classifier for it to learn"))
+        _check_bounds(info, "dropout", _span(v), 0.0, MAX_DROPOUT,
+                      "beyond it too few activations reach the classifier for it to learn")
         return v
 
     @field_validator("conv1_channels", "conv2_channels")
     @classmethod
     def _channel_cap(cls, v: Any, info: ValidationInfo) -> Any:
-        lo, hi = _span(v)
-        _raise(None if _recorded(info) else _bounds_error("channel counts", lo, hi, 1, MAX_CHANNELS,
-                             "wider, one batch's activations need gigabytes; the seed CNN uses 32 and 64"))
+        _check_bounds(info, "channel counts", _span(v), 1, MAX_CHANNELS,
+                      "wider, one batch's activations need gigabytes; the seed CNN uses 32 and 64")
         return v
 
     @field_validator("batch_size")
     @classmethod
     def _batch_bounds(cls, v: Any, info: ValidationInfo) -> Any:
-        lo, hi = _span(v)
-        _raise(None if _recorded(info) else _bounds_error("batch sizes", lo, hi, MIN_BATCH, MAX_BATCH,
-                             f"below {MIN_BATCH} per-step overhead and gradient noise swamp training; "
-                             f"above {MAX_BATCH} one batch is most of a training split"))
+        _check_bounds(info, "batch sizes", _span(v), MIN_BATCH, MAX_BATCH,
+                      f"below {MIN_BATCH} per-step overhead and gradient noise swamp training; "
+                      f"above {MAX_BATCH} one batch is most of a training split")
         return v
-
-
-def _recorded(info: ValidationInfo) -> bool:
-    """Bounds added after a study was made must not stop it from being finalized: a config read
-    back from a study (`context={"recorded": True}`) skips them."""
-    return bool(info.context and info.context.get("recorded"))
-
-
-def _raise(message: str | None) -> None:
-    if message is not None:
-        raise ValueError(message)
 
 
 # --- the rest of the file -----------------------------------------------------------------------
@@ -319,7 +312,7 @@ class StudyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _pruner_fits_epochs(self, info: ValidationInfo) -> "StudyConfig":
-        if _recorded(info):
+        if info.context and info.context.get("recorded"):
             return self  # made by an earlier version: finalize it as it ran
         p, epochs = self.pruner, self.training.max_epochs
         if p.type == "hyperband" and p.min_resource > epochs:
