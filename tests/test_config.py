@@ -216,3 +216,12 @@ def test_a_recorded_config_skips_the_newer_bounds(tmp_path: Path) -> None:
         StudyConfig.model_validate(raw)
     cfg = StudyConfig.model_validate(raw, context={"recorded": True})
     assert cfg.search.dropout == 0.95 and cfg.pruner.n_warmup_steps == 5
+
+
+def test_sgd_needs_momentum_for_nesterov(tmp_path: Path) -> None:
+    p = tmp_path / "t.toml"
+    p.write_text(GOOD.replace(LR, LR + "\nmomentum = 0.0"))  # optimizer choices include sgd
+    with pytest.raises(ConfigError, match="momentum must be > 0 when the optimizer may be sgd"):
+        load_config(p)
+    p.write_text(GOOD.replace(LR, LR + "\nmomentum = 0.0").replace('["adam", "sgd"]', '["adam"]'))
+    assert load_config(p).search.momentum == 0.0  # unused by Adam

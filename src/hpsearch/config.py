@@ -200,6 +200,17 @@ class SearchSpace(_Frozen):
                       "wider, one batch's activations need gigabytes; the seed CNN uses 32 and 64")
         return v
 
+    @model_validator(mode="after")
+    def _sgd_momentum(self) -> "SearchSpace":
+        choices = self.optimizer.choices if isinstance(self.optimizer, OptimizerChoice) else (self.optimizer,)
+        sgd = "sgd" in choices
+        if sgd and _span(self.momentum)[0] <= 0:
+            raise ValueError(
+                f"momentum must be > 0 when the optimizer may be sgd (hpsearch's SGD uses Nesterov "
+                f"momentum, which needs it), but got {_span(self.momentum)[0]}; raise it or drop sgd"
+            )
+        return self
+
     @field_validator("batch_size")
     @classmethod
     def _batch_bounds(cls, v: Any, info: ValidationInfo) -> Any:
