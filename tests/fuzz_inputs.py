@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, help="run a random sample of this many cases")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kinds", nargs="+", default=["study", "cli", "data", "read-only"])
+    ap.add_argument("--skip", nargs="+", default=[], metavar="NAME", help="leave out the cases of these names")
     ap.add_argument("--jobs", type=int, default=2, help="cases run at once")
     ap.add_argument("--grace", type=float, default=60.0, help="seconds before an accepted worker is stopped "
                     "if its first epoch has not been reported")
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         cases, other_db = build_cases(work, args.data_dir)
-        cases = [c for c in cases if c.kind in args.kinds]
+        cases = [c for c in cases if c.kind in args.kinds and c.name not in args.skip]
         if args.sample is not None and args.sample < len(cases):
             cases = random.Random(args.seed).sample(cases, args.sample)
         (work / "runs").mkdir()

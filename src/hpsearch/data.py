@@ -162,6 +162,8 @@ def _load_idx(cfg: DataConfig, root: Path) -> Pool:
     if len(shapes) > 1:
         raise DataError(f"IDX files in {root} have different image shapes {sorted(shapes)}")
     y = torch.cat(labels)
+    if len(y) == 0:
+        raise DataError(f"the IDX files in {root} hold no images; pass --data-dir pointing at a dataset")
     if int(y.min()) < 0:
         raise DataError(f"labels in {root} must be >= 0, but got {int(y.min())}")
     n_classes = int(y.max()) + 1
