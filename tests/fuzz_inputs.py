@@ -159,8 +159,11 @@ def study_cases(study: str, data_dir: Path) -> list[Case]:
     return cases
 
 
-def worker_argv(study: str, data_dir: Path, *extra: str) -> list[str]:
-    return ["worker", "--study", study, "--storage", "sqlite:///h.db", "--data-dir", str(data_dir),
+def worker_argv(study: str, data_dir: Path | None, *extra: str, storage: bool = True) -> list[str]:
+    """A one-trial worker on ./h.db; without the option the environment variable under test gives
+    (`storage=False` for HPSEARCH_STORAGE, `data_dir=None` for HPSEARCH_DATA_DIR)."""
+    return ["worker", "--study", study, *(["--storage", "sqlite:///h.db"] if storage else []),
+            *(["--data-dir", str(data_dir)] if data_dir is not None else []),
             "--device", "cpu", "--n-trials", "1", "--threads", "1", *extra]
 
 
@@ -180,7 +183,8 @@ def cli_cases(idx_dir: Path, good: bytes) -> list[Case]:
             "postgresql+psycopg2://nobody_here@127.0.0.1:5432/no_such_db", "http://example.com/db",
             "sqlite:////proc/x.db"]
     cases += [w("--storage", u) for u in urls]
-    cases += [w(env={"HPSEARCH_STORAGE": u}, name=f"HPSEARCH_STORAGE={u}") for u in urls[:6]]
+    cases += [raw(worker_argv("s.toml", idx_dir, storage=False), env={"HPSEARCH_STORAGE": u},
+                  name=f"HPSEARCH_STORAGE={u}") for u in urls[:6]]
     arts = ["a-file", "a-file/sub", "/proc/hpsearch-x", "/dev/null"]
     files = {"a-file": b"x"}
     cases += [raw(worker_argv("s.toml", idx_dir, "--artifacts", a), files=files) for a in arts]
@@ -191,7 +195,8 @@ def cli_cases(idx_dir: Path, good: bytes) -> list[Case]:
                         "--worker-index": ["-1", "x"]}.items():
         cases += [w(opt, v) for v in values]
     cases += [w("--data-dir", "no-such-dir"), w("--data-dir", "a-file", name="--data-dir a file"),
-              w(env={"HPSEARCH_DATA_DIR": "no-such-dir"}, name="HPSEARCH_DATA_DIR=no-such-dir"),
+              raw(worker_argv("s.toml", None), env={"HPSEARCH_DATA_DIR": "no-such-dir"},
+                  name="HPSEARCH_DATA_DIR=no-such-dir"),
               w("--bogus-option"), w("--study", "", name="--study ''")]
     for study in ["missing.toml", "", "/etc", "no-such-name", "a-file", "bin.toml", "latin1.toml"]:
         cases.append(raw(["worker", "--study", study, "--storage", "sqlite:///h.db"], name=f"--study {study!r}",

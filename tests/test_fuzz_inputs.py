@@ -40,7 +40,8 @@ def test_bad_command_lines_environments_and_data_folders(tmp_path: Path, mnist_d
     assert len(outcomes) > 90 and set(verdicts.values()) <= {"rejected", "accepted"}
     # The cases of the issue are among them, and rejected.
     for name in ("--device mps", "--device cpu:5", "--storage postgresql+asyncpg://u@h/db", "--storage mysql://u@h/db",
-                 "HPSEARCH_ARTIFACTS=a-file", "data: truncated-gz", "read-only: status --study s.toml"):
+                 "HPSEARCH_ARTIFACTS=a-file", "HPSEARCH_STORAGE=postgresql+asyncpg://u@h/db",
+                 "HPSEARCH_DATA_DIR=no-such-dir", "data: truncated-gz", "read-only: status --study s.toml"):
         assert verdicts[name] == "rejected", name
 
 
