@@ -47,14 +47,14 @@ def storage_url(url: str) -> str:
         scheme = given.partition("://")[0] if "://" in given else ""
         what = f"storage URL starting {scheme + '://'!r}" if scheme else "storage URL"
         raise StorageError(
-            f"{what} is not a valid URL (check the host, a numeric port and the database name); "
+            f"{what} is not a URL (check the host, a numeric port and the database name); "
             f"use {_EXAMPLES}"
         ) from None
     backend = parsed.get_backend_name()
     if backend not in {"sqlite", "postgresql"}:
         raise StorageError(
-            f"storage URL {redact(url)!r}: hpsearch stores studies in SQLite or PostgreSQL, "
-            f"not {backend!r}; use {_EXAMPLES}"
+            f"storage URL {redact(url)!r}: unsupported database {backend!r} (hpsearch stores studies "
+            f"in SQLite or PostgreSQL); use {_EXAMPLES}"
         )
     fix = "sqlite:///file.db" if backend == "sqlite" else f"postgresql+{PG_DRIVER}://... (installed)"
     if getattr(dialect, "is_async", False):
