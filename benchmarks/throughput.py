@@ -7,11 +7,16 @@ whole batches there. Both train the seed CNN (32/64 channels) with Adam on the s
 
 The hpsearch rows are a ladder, each adding one change to the row above: the device-resident loop,
 channels_last, the CNN's pool-before-ReLU order, bf16 autocast. The last row is what
-`hpsearch worker` runs on a CUDA device or a CPU with native bf16 (AVX-512 BF16 / AMX); elsewhere
-it is marked "(forced)" and the row above is hpsearch's default.
+`hpsearch worker` runs on a CUDA device or a CPU with native bf16 (AVX-512 BF16 / AMX). On a CPU
+without them bf16 is only emulated (a 512^2 bf16 matmul ~13x slower than fp32): that row and the
+bf16 matmul roof are reported as "emulated", not timed, and the row above is hpsearch's default.
+`--emulated-bf16` treats this CPU as such a CPU (the test of that path uses it).
 
     uv run python benchmarks/throughput.py --data-dir ../shared/data/mnist-t10k
     uv run python benchmarks/throughput.py --data-dir ../shared/data/mnist-t10k --quick   # CI smoke
+
+--quick is bounded by work, not time: one timed epoch per row after one warm-up epoch, and a small
+matmul for the roofs.
 
 Prints a table and writes JSON (--json). Compare the ratio, measured in one run, not absolutes.
 """
@@ -36,6 +41,9 @@ from hpsearch.train import HParams, Precision, build_optimizer, train_epoch
 
 import seedstyle  # benchmarks/seedstyle.py: the tutorial-style baseline
 from machine import machine
+
+
+EMULATED = "emulated"
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -64,9 +72,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="one short repeat: checks the script runs")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--emulated-bf16", action="store_true",
+                    help="treat this CPU as one without native bf16: report bf16 rows as emulated, untimed")
     args = ap.parse_args()
+    matmul_size, matmul_repeats = 2048, 10
     if args.quick:
         args.epochs, args.repeats = 1, 1
+        matmul_size, matmul_repeats = 512, 3
 
     device = torch.device(args.device)
     data = load_search_data(DataConfig(dataset="idx"), args.data_dir, device)
@@ -77,6 +89,11 @@ def main() -> None:
     loader, _ = seedstyle.loaders(data.train, data.val, data.normalizer, crop, args.batch_size)
 
     default = Precision.choose(device, channels_last=True, bf16="auto")
+    # bf16 without hardware support is emulated: minutes of timing that say nothing about hpsearch,
+    # which keeps fp32 there (Precision.choose). Such rows are reported, not timed.
+    native_bf16 = device.type == "cuda" or (default.bf16 and not args.emulated_bf16)
+    if args.emulated_bf16:
+        default = Precision(channels_last=True, bf16=False)
     # An ablation ladder: each hpsearch row adds one change to the row above it, so the table says
     # what each change is worth. The last row is what `hpsearch worker` runs on this device.
     contenders: dict[str, tuple[Callable[[], nn.Module], Precision | None]] = {
@@ -86,10 +103,13 @@ def main() -> None:
         "+ pool before ReLU": (lambda: CNN(spec), Precision(channels_last=True, bf16=False)),
         f"+ bf16 autocast{'' if default.bf16 else ' (forced)'}": (lambda: CNN(spec), Precision(channels_last=True, bf16=True)),
     }
-    results: dict[str, list[float]] = {name: [] for name in contenders}
+    emulated = {name for name, (_, p) in contenders.items() if p is not None and p.bf16 and not native_bf16}
+    results: dict[str, list[float]] = {name: [] for name in contenders if name not in emulated}
     for r in range(args.repeats):
         # Interleave the contenders in every repeat so machine noise hits them alike.
         for name, (build, precision) in contenders.items():
+            if name in emulated:
+                continue
             torch.manual_seed(r)
             model = build().to(device)
             if precision is not None and precision.channels_last:
@@ -111,27 +131,36 @@ def main() -> None:
             results[name].append(statistics.median(rates))
 
     # The roof for each row is the matmul rate in the precision its convolutions run in.
-    roofs = {dtype: matmul_gflops(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    roofs = {dtype: matmul_gflops(device, dtype, matmul_size, matmul_repeats)
+             for dtype in (torch.float32, torch.bfloat16) if native_bf16 or dtype != torch.bfloat16}
     train_flops = 3 * flops_per_sample(spec)  # forward + backward (~2x forward)
     base = statistics.median(results["seed-style DataLoader"])
     rows = []
     print(f"{'loop':<30}{'samples/s':>12}{'vs seed':>9}{'GFLOP/s':>9}{'of roof':>9}")
-    for name, rates in results.items():
+    for name in contenders:
+        if name in emulated:
+            rows.append(dict(loop=name, status=EMULATED, samples_per_s=None, repeats=[], ratio=None,
+                             gflops=None, roof_gflops=None, roofline_fraction=None))
+            print(f"{name:<30}{'emulated: no native bf16 on this CPU, not timed':>48}")
+            continue
+        rates = results[name]
         med = statistics.median(rates)
         precision = contenders[name][1]
         roof = roofs[torch.bfloat16 if precision is not None and precision.bf16 else torch.float32]
         achieved = med * train_flops / 1e9
-        rows.append(dict(loop=name, samples_per_s=med, repeats=rates, ratio=med / base,
+        rows.append(dict(loop=name, status="timed", samples_per_s=med, repeats=rates, ratio=med / base,
                          gflops=achieved, roof_gflops=roof, roofline_fraction=achieved / roof))
         print(f"{name:<30}{med:>12,.0f}{med / base:>8.2f}x{achieved:>9.1f}{achieved / roof:>9.1%}")
-    print(f"matmul (2048^2) on {device}: fp32 {roofs[torch.float32]:.1f}, bf16 {roofs[torch.bfloat16]:.1f} "
+    bf16_roof = f"{roofs[torch.bfloat16]:.1f}" if torch.bfloat16 in roofs else EMULATED
+    print(f"matmul ({matmul_size}^2) on {device}: fp32 {roofs[torch.float32]:.1f}, bf16 {bf16_roof} "
           f"GFLOP/s; CNN training: {train_flops / 1e6:.1f} MFLOP/sample; threads: {torch.get_num_threads()}")
     if args.json:
         args.json.write_text(json.dumps(dict(
             date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
-            device=str(device), threads=torch.get_num_threads(), native_bf16=default.bf16, batch_size=args.batch_size,
-            epochs=args.epochs, repeats=args.repeats,
-            matmul_gflops={str(k).removeprefix('torch.'): v for k, v in roofs.items()},
+            device=str(device), threads=torch.get_num_threads(), native_bf16=native_bf16, batch_size=args.batch_size,
+            epochs=args.epochs, repeats=args.repeats, quick=args.quick, matmul_size=matmul_size,
+            matmul_gflops={str(k).removeprefix('torch.'): roofs.get(k, EMULATED)
+                           for k in (torch.float32, torch.bfloat16)},
             train_flops_per_sample=train_flops, results=rows), indent=2))
 
 

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from hpsearch.train import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, mnist_dir: Path, out: Path) -> subprocess.CompletedProcess:
+def run_quick(script: str, mnist_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """`benchmarks/SCRIPT --quick`, writing its JSON to `out`; fails the test if it fails."""
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--data-dir", str(mnist_dir), "--quick",
-         "--json", str(out)],
+         "--json", str(out), *extra],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -33,8 +34,28 @@ def test_throughput_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_d
     loops = [row["loop"] for row in doc["results"]]
     assert loops[:4] == ["seed-style DataLoader", "hpsearch loop, NCHW", "+ channels_last", "+ pool before ReLU"]
     assert loops[4].startswith("+ bf16 autocast")
-    assert all(row["samples_per_s"] > 0 and 0 < row["roofline_fraction"] for row in doc["results"])
+    # The bf16 row is timed exactly where this CPU has native bf16 (as hpsearch's "auto" decides).
+    assert doc["native_bf16"] == cpu_has_native_bf16()
+    expected = ["timed"] * 4 + ["timed" if doc["native_bf16"] else "emulated"]
+    assert [row["status"] for row in doc["results"]] == expected
+    assert all(row["samples_per_s"] > 0 and 0 < row["roofline_fraction"]
+               for row in doc["results"] if row["status"] == "timed")
     assert set(doc["matmul_gflops"]) == {"float32", "bfloat16"}
+    assert doc["matmul_size"] == 512  # quick: bounded by work
+
+
+def test_throughput_quick_mode_skips_bf16_rows_the_cpu_can_only_emulate(tmp_path: Path, mnist_dir: Path) -> None:
+    # This machine may have native bf16: --emulated-bf16 takes the path of one that has not.
+    out = tmp_path / "throughput.json"
+    r = run_quick("throughput.py", mnist_dir, out, "--emulated-bf16")
+    doc = json.loads(out.read_text())
+    assert doc["native_bf16"] is False
+    bf16_row = doc["results"][4]
+    assert bf16_row["loop"] == "+ bf16 autocast (forced)"
+    assert bf16_row["status"] == "emulated" and bf16_row["samples_per_s"] is None and bf16_row["repeats"] == []
+    assert doc["matmul_gflops"]["bfloat16"] == "emulated" and doc["matmul_gflops"]["float32"] > 0
+    assert all(row["status"] == "timed" and row["samples_per_s"] > 0 for row in doc["results"][:4])
+    assert "emulated: no native bf16" in r.stdout and "bf16 emulated GFLOP/s" in r.stdout
 
 
 def test_search_efficiency_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_dir: Path) -> None:

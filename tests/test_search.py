@@ -94,11 +94,13 @@ def test_a_changed_search_space_is_refused(searched, mnist_dir: Path) -> None:
 
 def test_diverging_trials_are_pruned_with_the_reason(tmp_path: Path, mnist_dir: Path) -> None:
     study_file = write_study(tmp_path / "div.toml", name="div", n_trials=1, max_epochs=2)
-    # SGD at lr=1e4 overflows at once.
+    # SGD at lr=10 with weight_decay=1 (the largest a study file allows) scales the weights by
+    # about -9 per step: they overflow within the first epoch.
     study_file.write_text(
         study_file.read_text()
         .replace('optimizer = { choices = ["adam", "adamw"] }', 'optimizer = "sgd"')
-        .replace("lr = { low = 1e-3, high = 1e-2, log = true }", "lr = 1e4")
+        .replace("lr = { low = 1e-3, high = 1e-2, log = true }", "lr = 10.0")
+        .replace("weight_decay = { low = 1e-6, high = 1e-4, log = true }", "weight_decay = 1.0")
     )
     url = f"sqlite:///{tmp_path / 'd.db'}"
     r = run_cli("worker", "--study", str(study_file), "--storage", url, "--data-dir", str(mnist_dir),

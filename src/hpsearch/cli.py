@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--storage", default=argparse.SUPPRESS,
         metavar="URL",
-        help="study storage: sqlite:///file.db or postgresql+psycopg2://user:pw@host/db "
+        help="study storage: sqlite:///file.db or postgresql://user:pw@host/db (psycopg2) "
         "(default: $HPSEARCH_STORAGE, else sqlite:///hpsearch.db)",
     )
     study = argparse.ArgumentParser(add_help=False)
@@ -171,16 +171,28 @@ def _log_to_stderr(prefix: str) -> None:
         log.propagate = False
 
 
-def _cmd_worker(args: argparse.Namespace) -> int:
-    from hpsearch.config import load_config
+def _storage_url(args: argparse.Namespace) -> str:
+    """--storage, $HPSEARCH_STORAGE or the default, checked (driver installed) and normalised."""
+    from hpsearch import checks
     from hpsearch.storage import resolve_url
+
+    return checks.storage_url(resolve_url(args.storage))
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from hpsearch import checks
+    from hpsearch.config import load_config
     from hpsearch.worker import WorkerOptions, quiet_optuna
 
-    cfg = load_config(args.study)  # every problem in the file, before the storage is touched
+    # Every check that needs no storage comes first: a rejected run leaves no study behind.
+    cfg = load_config(args.study)
+    checks.device(args.device)
+    url = _storage_url(args)
+    checks.artifacts(url, args.artifacts)
     quiet_optuna()
     _log_to_stderr(args.log_prefix)
     opts = WorkerOptions(
-        cfg=cfg, storage_url=resolve_url(args.storage), artifacts=args.artifacts,
+        cfg=cfg, storage_url=url, artifacts=args.artifacts,
         data_dir=args.data_dir, device=args.device, n_trials=args.n_trials,
         timeout=args.timeout, threads=args.threads, worker_index=args.worker_index,
         finish_trial_on_signal=args.finish_trial_on_signal,
@@ -206,17 +218,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from hpsearch.status import print_status
 
-    print_status(args.study, args.storage, top=args.top, as_json=args.json)
+    print_status(args.study, _storage_url(args), top=args.top, as_json=args.json)
     return 0
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from hpsearch.dashboard import DashboardOptions, serve
-    from hpsearch.storage import resolve_url
 
     # `docker stop` and friends send SIGTERM: stop serving as Ctrl-C does (a PID 1 would ignore it).
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    serve(DashboardOptions(resolve_url(args.storage), args.artifacts, args.host, args.port))
+    serve(DashboardOptions(_storage_url(args), args.artifacts, args.host, args.port))
     return 0
 
 
@@ -225,13 +236,15 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def _cmd_finalize(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from hpsearch import checks
     from hpsearch.finalize import FinalizeOptions, command_line, finalize
-    from hpsearch.storage import resolve_url
     from hpsearch.worker import quiet_optuna
 
+    checks.device(args.device)
+    url = _storage_url(args)
     quiet_optuna()
     finalize(FinalizeOptions(
-        study=args.study, storage_url=resolve_url(args.storage), artifacts=args.artifacts,
+        study=args.study, storage_url=url, artifacts=args.artifacts,
         data_dir=args.data_dir, device=args.device, top_k=args.top_k, seeds=args.seeds,
         force=args.force, out=args.out, command=command_line(argv),
     ), say=lambda line: print(f"hpsearch: {line}", flush=True))

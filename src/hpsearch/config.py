@@ -7,6 +7,7 @@ A study file is data: the search space, the data split, training, sampler, prune
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import tomllib
 from pathlib import Path
@@ -19,18 +20,62 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from hpsearch.errors import ConfigError
 
-# Shipped study files live in <repo>/studies; a user's own can be anywhere (`--study path.toml`).
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+def _shipped_dir() -> Path:
+    """The shipped study files: inside the installed package (a wheel or an image, where
+    pyproject.toml force-includes them), else `<repo>/studies` in a source checkout."""
+    packaged = Path(str(importlib.resources.files("hpsearch") / "studies"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "studies"
+
+
+# A user's own study files can be anywhere (`--study path.toml`).
+STUDIES_DIR = _shipped_dir()
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `inf` and `nan` are valid TOML floats, and valid nowhere in a study.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+# Upper bounds, each with the reason the message gives. They are far above any sensible value for
+# these small CNNs on 28x28..32x32 images, and below what would crash or never finish.
+MAX_LR = 10.0  # a step this large overflows the weights within an epoch
+MAX_WEIGHT_DECAY = 1.0  # a decay above 1 outweighs the loss: the weights are driven to zero
+MAX_DROPOUT = 0.9  # beyond it too few activations reach the classifier for it to learn
+MAX_CHANNELS = 2048  # wider, one batch's activations need gigabytes (64x the seed CNN's 32/64)
+MIN_BATCH, MAX_BATCH = 8, 8192  # below 8 per-step overhead and gradient noise dominate; above,
+#   one batch is most of a dataset's training split
+MAX_EPOCHS = 1000  # a trial longer than this would run for days; the budget counts trials
+MAX_SECONDS = 86_400  # a day: for heartbeats, grace periods and reconnect waits
+
+
+def _check_bounds(info: ValidationInfo, what: str, span: tuple[float, float], low: float, high: float,
+                  reason: str) -> None:
+    """Refuse a knob whose span (a fixed value: (v, v)) leaves [low, high], giving the reason.
+
+    A config read back from a study (finalize: `context={"recorded": True}`) skips these bounds:
+    a study made before a bound existed must still be finalized as it ran.
+    """
+    lo, hi = span
+    if info.context and info.context.get("recorded"):
+        return
+    if lo < low or hi > high:
+        got = f"{lo}" if lo == hi else f"{lo}..{hi}"
+        raise ValueError(f"{what} must lie in [{low:g}, {high:g}], but got {got} ({reason})")
+
+
+def _span(v: Any) -> tuple[float, float]:
+    if isinstance(v, (FloatRange, IntRange)):
+        return v.low, v.high
+    if isinstance(v, (BatchChoice,)):
+        return min(v.choices), max(v.choices)
+    return v, v
 
 
 # --- search space -------------------------------------------------------------------------------
@@ -115,26 +160,63 @@ class SearchSpace(_Frozen):
 
     @field_validator("lr")
     @classmethod
-    def _positive_lr(cls, v: FloatKnob) -> FloatKnob:
-        low = v.low if isinstance(v, FloatRange) else v
+    def _positive_lr(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
+        low, high = _span(v)
         if low <= 0:
             raise ValueError(f"the learning rate must be > 0, but got {low}")
+        _check_bounds(info, "the learning rate", (low, high), 0, MAX_LR,
+                      "a step this large overflows the weights within an epoch")
         return v
 
     @field_validator("weight_decay")
     @classmethod
-    def _non_negative(cls, v: FloatKnob) -> FloatKnob:
-        low = v.low if isinstance(v, FloatRange) else v
+    def _non_negative(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
+        low, high = _span(v)
         if low < 0:
             raise ValueError(f"must be >= 0, but got {low}")
+        _check_bounds(info, "weight decay", (low, high), 0, MAX_WEIGHT_DECAY,
+                      "a decay above 1 outweighs the loss and drives the weights to zero")
         return v
 
     @field_validator("dropout", "momentum")
     @classmethod
     def _unit_interval(cls, v: FloatKnob) -> FloatKnob:
-        lo, hi = (v.low, v.high) if isinstance(v, FloatRange) else (v, v)
+        lo, hi = _span(v)
         if not (0.0 <= lo and hi < 1.0):
             raise ValueError(f"must lie in [0, 1), but got {lo}..{hi}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_cap(cls, v: FloatKnob, info: ValidationInfo) -> FloatKnob:
+        _check_bounds(info, "dropout", _span(v), 0.0, MAX_DROPOUT,
+                      "beyond it too few activations reach the classifier for it to learn")
+        return v
+
+    @field_validator("conv1_channels", "conv2_channels")
+    @classmethod
+    def _channel_cap(cls, v: Any, info: ValidationInfo) -> Any:
+        _check_bounds(info, "channel counts", _span(v), 1, MAX_CHANNELS,
+                      "wider, one batch's activations need gigabytes; the seed CNN uses 32 and 64")
+        return v
+
+    @model_validator(mode="after")
+    def _sgd_momentum(self) -> "SearchSpace":
+        choices = self.optimizer.choices if isinstance(self.optimizer, OptimizerChoice) else (self.optimizer,)
+        sgd = "sgd" in choices
+        if sgd and _span(self.momentum)[0] <= 0:
+            raise ValueError(
+                f"momentum must be > 0 when the optimizer may be sgd (hpsearch's SGD uses Nesterov "
+                f"momentum, which needs it), but got {_span(self.momentum)[0]}; raise it or drop sgd"
+            )
+        return self
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_bounds(cls, v: Any, info: ValidationInfo) -> Any:
+        _check_bounds(info, "batch sizes", _span(v), MIN_BATCH, MAX_BATCH,
+                      f"below {MIN_BATCH} per-step overhead and gradient noise swamp training; "
+                      f"above {MAX_BATCH} one batch is most of a training split")
         return v
 
 
@@ -155,7 +237,7 @@ class DataConfig(_Frozen):
     images: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     split: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=-(2**63), lt=2**63)  # a 64-bit salt (data.content_keys)
     # idx: where the channels are in 4-dim image files ("auto": inferred where unambiguous).
     layout: Literal["auto", "nhwc", "nchw"] = "auto"
     # folder: every image resized to [height, width] (unset: all must share one size), and
@@ -189,42 +271,42 @@ class DataConfig(_Frozen):
 
 
 class TrainingConfig(_Frozen):
-    max_epochs: int = Field(gt=0)
-    patience: int = Field(default=3, gt=0)
-    eval_batch_size: int = Field(default=2048, gt=0)
-    crop_margin: int = Field(default=4, ge=0)
+    max_epochs: int = Field(gt=0, le=MAX_EPOCHS)
+    patience: int = Field(default=3, gt=0, le=MAX_EPOCHS)
+    eval_batch_size: int = Field(default=2048, gt=0, le=65_536)
+    crop_margin: int = Field(default=4, ge=0, le=1024)
     plateau_factor: float = Field(default=0.5, gt=0, lt=1)
-    plateau_patience: int = Field(default=1, ge=0)
+    plateau_patience: int = Field(default=1, ge=0, le=MAX_EPOCHS)
     channels_last: bool = True
     bf16: Literal["auto", "on", "off"] = "auto"
 
 
 class SamplerConfig(_Frozen):
     type: Literal["tpe", "random"] = "tpe"
-    seed: int | None = None
-    n_startup_trials: int = Field(default=8, ge=0)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    n_startup_trials: int = Field(default=8, ge=0, le=1_000_000)
     multivariate: bool = True
     constant_liar: bool = True
 
 
 class PrunerConfig(_Frozen):
     type: Literal["median", "hyperband", "none"] = "median"
-    n_startup_trials: int = Field(default=4, ge=0)
-    n_warmup_steps: int = Field(default=2, ge=0)
-    min_resource: int = Field(default=1, ge=1)
-    reduction_factor: int = Field(default=3, ge=2)
+    n_startup_trials: int = Field(default=4, ge=0, le=1_000_000)
+    n_warmup_steps: int = Field(default=2, ge=0, le=MAX_EPOCHS)
+    min_resource: int = Field(default=1, ge=1, le=MAX_EPOCHS)
+    reduction_factor: int = Field(default=3, ge=2, le=100)
 
 
 class BudgetConfig(_Frozen):
-    n_trials: int = Field(gt=0)
-    timeout_minutes: float | None = Field(default=None, gt=0)
+    n_trials: int = Field(gt=0, le=1_000_000)
+    timeout_minutes: float | None = Field(default=None, gt=0, le=525_600)  # a year
 
 
 class StorageConfig(_Frozen):
-    heartbeat_interval: int = Field(default=10, gt=0)
-    grace_period: int = Field(default=60, gt=0)
-    max_retry: int = Field(default=3, ge=0)
-    reconnect_timeout: float = Field(default=600.0, gt=0)
+    heartbeat_interval: int = Field(default=10, gt=0, le=MAX_SECONDS)
+    grace_period: int = Field(default=60, gt=0, le=MAX_SECONDS)
+    max_retry: int = Field(default=3, ge=0, le=100)
+    reconnect_timeout: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _grace(self) -> "StorageConfig":
@@ -237,7 +319,7 @@ class StorageConfig(_Frozen):
 
 
 class StudySection(_Frozen):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=512)  # Optuna's study_name column holds 512
     description: str = ""
 
 
@@ -253,6 +335,23 @@ class StudyConfig(_Frozen):
 
     # Not part of the file: where it came from, for messages and the report.
     source: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _pruner_fits_epochs(self, info: ValidationInfo) -> "StudyConfig":
+        if info.context and info.context.get("recorded"):
+            return self  # made by an earlier version: finalize it as it ran
+        p, epochs = self.pruner, self.training.max_epochs
+        if p.type == "hyperband" and p.min_resource > epochs:
+            raise ValueError(
+                f"pruner.min_resource={p.min_resource} exceeds training.max_epochs={epochs}: hyperband "
+                f"would never prune (lower min_resource or raise max_epochs)"
+            )
+        if p.type == "median" and epochs > 1 and p.n_warmup_steps >= epochs:
+            raise ValueError(
+                f"pruner.n_warmup_steps={p.n_warmup_steps} must be below training.max_epochs={epochs}, "
+                f"or the median pruner never prunes (lower n_warmup_steps, or type = \"none\")"
+            )
+        return self
 
     def fingerprint(self) -> str:
         """Hash of what defines the search (data, space, training). Budget may change freely."""
@@ -286,6 +385,29 @@ def shipped_studies() -> list[str]:
     return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
 
 
+# Why each upper bound is where it is: added to pydantic's "less than or equal to N".
+_WHY_BOUND = {
+    "max_epochs": "a longer trial would run for days; the budget counts trials",
+    "patience": "counted in epochs, which are bounded alike",
+    "plateau_patience": "counted in epochs, which are bounded alike",
+    "n_warmup_steps": "counted in epochs, which are bounded alike",
+    "min_resource": "counted in epochs, which are bounded alike",
+    "eval_batch_size": "a larger evaluation batch only needs more memory",
+    "crop_margin": "no supported image is that large",
+    "n_startup_trials": "random trials beyond a million say nothing new",
+    "reduction_factor": "hyperband would keep a single trial per rung",
+    "n_trials": "more trials than this would outgrow the storage long before ending",
+    "timeout_minutes": "a year",
+    "heartbeat_interval": "a day; a stale trial must be noticed within that",
+    "grace_period": "a day; a stale trial must be noticed within that",
+    "reconnect_timeout": "a day; a worker waiting longer for its database is lost",
+    "max_retry": "a trial failing this often will not succeed",
+    "seed": "a 64-bit integer",
+    "split_seed": "a 64-bit integer",
+    "name": "Optuna stores at most 512 characters",
+}
+
+
 def _format_error(err: dict[str, Any]) -> str:
     # pydantic's loc names union members ("FloatRange", "float"); keep only the user's field path.
     loc = ".".join(
@@ -300,6 +422,9 @@ def _format_error(err: dict[str, Any]) -> str:
         msg = "missing required field"
     elif "input" in err and err["type"] not in {"value_error"} and not isinstance(err["input"], dict):
         msg = f"{msg}, but got {err['input']!r}"
+        why = _WHY_BOUND.get(str(err["loc"][-1]) if err["loc"] else "")
+        if why and err["type"] in {"less_than_equal", "less_than", "too_long", "greater_than_equal"}:
+            msg = f"{msg} ({why})"
     return f"{loc}: {msg}" if loc else msg
 
 
@@ -307,12 +432,14 @@ def load_config(study: str | Path) -> StudyConfig:
     """Read and validate a study file. Raises `ConfigError` listing every problem."""
     path = resolve_study_path(str(study))
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a leading BOM is fine
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"not valid TOML ({e})"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), [f"cannot read the file ({e})"]) from None
-    raw.setdefault("study", {}).setdefault("name", path.stem)
+    section = raw.setdefault("study", {})
+    if isinstance(section, dict):  # anything else is reported by the validation below
+        section.setdefault("name", path.stem)
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -225,7 +225,7 @@ def serve(opts: DashboardOptions, log: Callable[[str], None] = _stderr) -> None:
         )
     server = bind(opts.host, opts.port)
     try:
-        store = artifact_store(opts.storage_url, opts.artifacts)
+        store = artifact_store(opts.storage_url, opts.artifacts, create=False)  # a reader
         server.set_app(optuna_dashboard.wsgi(storage, artifact_store=store))
         log(
             f"hpsearch: dashboard on {url_for(opts.host, opts.port)} for {len(names)} "

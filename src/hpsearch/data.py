@@ -213,6 +213,8 @@ def _load_idx(cfg: DataConfig, root: Path) -> Pool:
     if len(shapes) > 1:
         raise DataError(f"IDX files in {root} have different image shapes (C x H x W) {sorted(shapes)}")
     name = f"IDX files in {root}"
+    if sum(len(part) for part in labels) == 0:
+        raise DataError(f"the IDX files in {root} hold no images; pass --data-dir pointing at a dataset")
     y, classes = _dense_labels(np.concatenate(labels), name)
     return Pool(torch.cat(images), y, classes, name)
 

@@ -16,7 +16,6 @@ import os
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from hpsearch import __version__, export, report, train
+from hpsearch import __version__, export, provenance, report, train
 from hpsearch.checkpoint import BEST_WEIGHTS, Checkpoint, load_checkpoint
 from hpsearch.config import STUDIES_DIR, StudyConfig, load_config
 from hpsearch.dashboard import append_note_section
@@ -116,7 +115,7 @@ def study_config(study: optuna.Study, file_cfg: StudyConfig | None) -> StudyConf
             )
         return file_cfg
     try:
-        cfg = StudyConfig.model_validate(meta["config"])
+        cfg = StudyConfig.model_validate(meta["config"], context={"recorded": True})
     except ValidationError as e:
         raise StorageError(
             f"the config recorded in study {study.study_name!r} does not validate with hpsearch "
@@ -164,20 +163,9 @@ def trial_seed_of(trial: FrozenTrial, cfg: StudyConfig) -> int:
 
 
 def code_version() -> str:
-    """hpsearch's version, plus the git commit (and `-dirty`) when run from a checkout."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-            timeout=10, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-            text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__}+g{sha}{'-dirty' if dirty else ''}" if sha else __version__
+    """The same code version trials record: git commit from the checkout, or from
+    `HPSEARCH_GIT_COMMIT` where there is no `.git` (a container image)."""
+    return provenance.code_version()
 
 
 # --- training and evaluation --------------------------------------------------------------------

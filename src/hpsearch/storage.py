@@ -92,9 +92,12 @@ def artifacts_dir(url: str, cli_value: str | None = None) -> Path:
     return Path("hpsearch-artifacts")
 
 
-def artifact_store(url: str, cli_value: str | None = None) -> FileSystemArtifactStore:
+def artifact_store(url: str, cli_value: str | None = None, *, create: bool = True) -> FileSystemArtifactStore:
+    """The checkpoint store; `create=False` (readers such as the dashboard) leaves a missing
+    folder missing: reading from it finds no artifact until a worker creates it."""
     path = artifacts_dir(url, cli_value)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(path))
 
 
@@ -103,7 +106,8 @@ def open_storage(
 ) -> RDBStorage:
     """An RDBStorage for `url`, with the heartbeat when a study config is given.
 
-    `must_exist`: refuse to create a new SQLite file (for `status`, `finalize`, `dashboard`).
+    `must_exist` (for `status`, `finalize`, `dashboard`): open only a storage that already holds
+    Optuna's tables, and change nothing on the way in (no new file, no tables, no WAL switch).
     """
     parsed = _parse(url)
     engine_kwargs: dict = {}
@@ -117,7 +121,8 @@ def open_storage(
                 )
             if not db.parent.exists():
                 raise StorageError(f"folder {db.parent} for the SQLite storage does not exist")
-            _enable_wal(db)
+            if not must_exist:  # WAL is a property of the file: the workers that create it set it
+                _enable_wal(db)
         # Several worker processes share the file: wait for a lock instead of failing at once.
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
@@ -138,6 +143,8 @@ def open_storage(
             grace_period=cfg.grace_period,
             heartbeat_stale_trial_callback=retry,
         )
+    if must_exist:
+        _require_tables(parsed, url, engine_kwargs)
     try:
         with _schema_lock(parsed, engine_kwargs, creating=not must_exist), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
@@ -150,6 +157,28 @@ def open_storage(
     # Only now: a storage that cannot be opened at all is the user's to fix, not to wait for.
     storage.start_reconnecting(url, cfg.reconnect_timeout if cfg is not None else 0.0)
     return storage
+
+
+def _require_tables(parsed: sqlalchemy.engine.URL, url: str, engine_kwargs: dict) -> None:
+    """Refuse a database without Optuna's tables: RDBStorage would create them, and a reader
+    (status, finalize, dashboard) must not write."""
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool,
+                                      connect_args=engine_kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as con:
+            found = sqlalchemy.inspect(con).has_table(rdb_models.StudyModel.__tablename__)
+    except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+        raise StorageError(
+            f"cannot open storage {redact(url)}: {_reason(e, url)} "
+            f"(check --storage / ${ENV_STORAGE} and that the database server is up)"
+        ) from None
+    finally:
+        engine.dispose()
+    if not found:
+        raise StorageError(
+            f"storage {redact(url)} holds no study yet (no Optuna tables); start a search with "
+            f"`hpsearch worker` first, or pass the --storage that has it"
+        )
 
 
 # Any fixed 64-bit number, the same in every hpsearch process: the advisory lock's name.

@@ -67,8 +67,13 @@ def resolve_device(name: str) -> torch.device:
             raise HpsearchError(
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible"
             )
-    elif device.type not in {"cpu", "mps"}:
-        raise HpsearchError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    elif device.type == "cpu":
+        if device.index not in (None, 0):
+            # torch accepts "cpu:5" and runs on the one CPU device: say so instead of pretending.
+            raise HpsearchError(f"--device {name}: the CPU is one device; use --device cpu (and --threads N)")
+    else:
+        raise HpsearchError(f"unsupported device {name!r} (hpsearch trains on CUDA or the CPU); "
+                            f"use auto, cpu, cuda or cuda:N")
     return device
 
 
