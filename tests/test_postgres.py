@@ -15,7 +15,6 @@ import secrets
 import signal
 import subprocess
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -25,6 +24,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import REPO, hpsearch_cmd, run_cli
+from hpsearch.recovery import OVER_BUDGET, requeue
 
 pytestmark = pytest.mark.postgres
 
@@ -211,8 +211,11 @@ def test_three_workers_started_at_once_share_one_study(tmp_path, pg_url, workers
     assert len(numbers) == len(set(numbers))
     assert not [t for t in ts if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     complete = [t for t in ts if t.state == TrialState.COMPLETE]
-    # Met, and overshot by at most one trial per extra worker (README: "Budget across workers").
-    assert budget <= len(complete) <= budget + 2, [(t.number, t.state) for t in ts]
+    # Exactly the budget: a trial created past it is refused before it trains (README: "Budget").
+    assert len(complete) == budget, [(t.number, t.state) for t in ts]
+    over = [t for t in ts if OVER_BUDGET in t.system_attrs]
+    assert all(t.state == TrialState.FAIL and not t.params for t in over)
+    ts = [t for t in ts if t not in over]
     assert len(ts) == len(complete)
     # The work was shared (a worker that started late may find it all taken), and no worker
     # repeated another's parameters: same sampler seed in the file, different worker indexes.
@@ -376,10 +379,7 @@ def test_trial_failed_by_another_worker_is_dropped_and_resumed(tmp_path, pg_url,
     storage = optuna.storages.RDBStorage(pg_url)
     other = optuna.load_study(study_name=name, storage=storage)
     storage.set_trial_state_values(victim._trial_id, TrialState.FAIL)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-    retry(other, storage.get_trial(victim._trial_id))
+    requeue(other, storage.get_trial(victim._trial_id))
     assert proc.wait(120) == 0, w.output()
 
     assert "was failed by another worker while it ran here" in w.output()

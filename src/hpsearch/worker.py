@@ -21,7 +21,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import StudyConfig
@@ -30,10 +29,10 @@ from hpsearch.data import load_search_data
 from hpsearch.errors import HpsearchError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
-from hpsearch.recovery import Sweeper, requeue
+from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
 from hpsearch.signals import StopRequest
-from hpsearch.storage import artifact_store, open_storage, redact
-from hpsearch.study import BudgetState, budget_state, check_split, open_study, study_deadline
+from hpsearch.storage import RetryingStorage, artifact_store, open_storage, redact
+from hpsearch.study import BudgetState, budget_state, check_split, holds_slot, open_study, study_deadline
 from hpsearch.train import Interrupted
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
@@ -111,7 +110,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
         f"(test part held out), {data.num_classes} classes, shape {tuple(data.image_shape)}"
     )
 
-    storage = open_storage(opts.storage_url, cfg.storage)
+    storage = open_storage(opts.storage_url, cfg.storage, stop=stop)
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
     check_split(study, data.fingerprint)
     store = artifact_store(opts.storage_url, opts.artifacts)
@@ -126,7 +125,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
 
 def trial_loop(
     study: optuna.Study,
-    storage: RDBStorage,
+    storage: RetryingStorage,
     cfg: StudyConfig,
     objective: Objective,
     display: Display,
@@ -139,7 +138,9 @@ def trial_loop(
     (`n_trials`, `timeout` in seconds) or a signal: sweep stale trials, check the budget, run one
     trial, re-queue it if a signal interrupted it. Everything a worker does apart from the data and
     the model; the storage benchmark drives it with a trivial objective (benchmarks/scaling.py)."""
-    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval)
+    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval,
+                      max_retry=cfg.storage.max_retry)
+    slot = _Slot(objective, storage, study, cfg)
     sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
     deadline = study_deadline(study, cfg.budget.timeout_minutes)
     poll_s = min(cfg.storage.heartbeat_interval, 5)
@@ -181,7 +182,7 @@ def trial_loop(
         ended: list[FrozenTrial] = []
         try:
             study.optimize(
-                objective, n_trials=1, catch=(TrialFailed, Interrupted),
+                slot, n_trials=1, catch=(TrialFailed, Interrupted, OverBudget),
                 callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
             )
         except (TakenOver, ValueError):
@@ -194,8 +195,10 @@ def trial_loop(
             )
             objective.taken_over = None
             continue
-        mine += 1
         trial = ended[-1]
+        if OVER_BUDGET in trial.system_attrs:
+            continue  # another worker took the last slot first: this trial never ran
+        mine += 1
         if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
             requeue(study, trial)
             display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
@@ -205,11 +208,41 @@ def trial_loop(
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
 
 
+class OverBudget(Exception):
+    """The trial just created is past the study's budget: another worker took the last slot."""
+
+
+class _Slot:
+    """The objective as the worker runs it: hold a lease on the trial while it runs, and first
+    claim its slot of the budget (`study.holds_slot`); a trial past the budget is marked and
+    failed at once, before any training, and does not count."""
+
+    def __init__(self, objective: Objective, storage: RetryingStorage, study: optuna.Study,
+                 cfg: StudyConfig) -> None:
+        self.objective = objective
+        self.storage = storage
+        self.study = study
+        self.cfg = cfg
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        lease = Lease(self.storage, tid, self.cfg.storage.heartbeat_interval).start()
+        try:
+            trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+            if not holds_slot(trials, trial.number, self.cfg.budget.n_trials):
+                self.storage.set_trial_system_attr(tid, OVER_BUDGET, True)
+                raise OverBudget(f"trial {trial.number} is past the budget of {self.cfg.budget.n_trials}")
+            return self.objective(trial)
+        finally:
+            lease.stop()
+
+
 class _OwnFailures(logging.Filter):
     """Optuna logs every failed trial with a traceback; for the failures hpsearch expects and
     reports itself (a signal, out of memory, a trial taken over) that is noise."""
 
-    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver))
+    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver, OverBudget))
     NUMBER = re.compile(r"^Trial (\d+) failed with (parameters|value)")
 
     def __init__(self) -> None:
