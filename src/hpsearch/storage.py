@@ -456,6 +456,13 @@ class RetryingStorage(BaseStorage):
 
     rdb: RDBStorage | None = None  # the RDBStorage underneath, when there is one
 
+    @property
+    def engine(self) -> sqlalchemy.engine.Engine:
+        """The database engine (for hpsearch's own tables); not there through a proxy."""
+        if self.rdb is None:
+            raise AttributeError(f"storage {redact(self.url)} has no database engine here (a proxy)")
+        return self.rdb.engine
+
 
 def _trouble(e: BaseException) -> bool:
     return _connection_trouble(e) or _grpc_trouble(e)

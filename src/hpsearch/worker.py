@@ -1,13 +1,15 @@
 """The worker loop: join the study, take trials until the budget (or this worker's limit) is met.
 
 Any number of workers, on any number of machines, run this against one storage. A trial is
-started only while `finished + running < budget` (re-queued trials first), so the study's total
-is honoured whoever runs the trials; see the README for how far it can overshoot. When the budget
+asked for only while `finished + running < budget` (re-queued trials first), and a new trial then
+claims its slot (`study.holds_slot`) before it trains, so the study ends with exactly its budget
+whoever runs the trials. When the budget
 is taken but other workers' trials still run, a worker waits instead of leaving: if one of those
 workers dies, its trial is re-queued and someone must be there to finish it.
 
-Stale trials (a dead worker's) are swept when the worker starts, before every trial and while it
-waits. SIGTERM / Ctrl-C stop the running trial and re-queue it (`signals.py`).
+A running trial holds a lease (recovery.py); stale trials (a dead worker's) are swept when the
+worker starts, before every trial and while it waits. SIGTERM / Ctrl-C stop the running trial and
+re-queue it (`signals.py`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def trial_loop(
     started = time.monotonic()
     mine = 0
     waiting = False
+    looked_done = False
     after_last: BudgetState | None = None
     while True:
         if stop.requested:
@@ -167,9 +170,15 @@ def trial_loop(
         budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
         after_last = None
         if not budget.may_start:
-            if budget.running == 0:
+            if budget.running == 0 and looked_done:
                 reason = f"study budget reached ({budget.finished} finished)"
                 break
+            if budget.running == 0:
+                # Look once more after a pause: a sweep fails a dead trial and queues its copy in
+                # two writes, and between them the study looks finished.
+                looked_done = True
+                stop.wait(poll_s)
+                continue
             if not waiting:
                 display.note(
                     f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
@@ -178,7 +187,7 @@ def trial_loop(
                 waiting = True
             stop.wait(poll_s)
             continue
-        waiting = False
+        waiting = looked_done = False
         ended: list[FrozenTrial] = []
         try:
             study.optimize(
