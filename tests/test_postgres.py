@@ -347,6 +347,28 @@ def test_proxy_going_away_mid_search_is_waited_out(tmp_path, pg_url, mnist_dir):
     assert [t.state for t in ts].count(TrialState.COMPLETE) == budget
 
 
+def test_sigterm_while_the_proxy_is_away_exits_at_once(tmp_path, pg_url, mnist_dir):
+    """A stop request ends the wait for an unreachable storage (not after reconnect_timeout)."""
+    proxy = Proxy(pg_url, tmp_path / "proxy.log").start()
+    study = write_study(tmp_path / "s.toml", "away-sigterm", n_trials=2, max_epochs=6, grace_period=30)
+    w = Workers(tmp_path, study, proxy.url, mnist_dir)
+    try:
+        proc = w.start()
+        wait_for(lambda: running_with_checkpoint(pg_url, "away-sigterm"), "a trial past its first epoch", 120, w)
+        proxy.stop()
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)  # reconnect_timeout is 120 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker still waiting for the proxy 30 s after SIGTERM:\n{w.output()}")
+    finally:
+        w.kill()
+        proxy.stop()
+    assert proc.returncode == 0, w.output()
+    assert "while waiting for the storage" in w.output() and "Traceback" not in w.output()
+
+
 @BOTH
 def test_sigterm_stops_within_30_s_and_requeues(tmp_path, pg_url, workers, request):
     name = "sigterm" + via(request)

@@ -228,6 +228,8 @@ def _schema_lock(parsed: sqlalchemy.engine.URL, engine_kwargs: dict, creating: b
 
 def _reason(e: BaseException, url: str) -> str:
     """The first line of the driver's message (not SQLAlchemy's wrapping), password removed."""
+    if _grpc is not None and isinstance(e, _grpc.RpcError) and callable(getattr(e, "code", None)):
+        return redact_text(f"{e.code().name}: {e.details()}", url)
     inner = e
     while inner.__cause__ is not None and not isinstance(inner, (sqlalchemy.exc.DBAPIError, sqlite3.Error)):
         inner = inner.__cause__

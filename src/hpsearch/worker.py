@@ -33,7 +33,7 @@ from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
 from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
 from hpsearch.signals import StopRequest
-from hpsearch.storage import RetryingStorage, artifact_store, open_storage, redact
+from hpsearch.storage import RetryingStorage, StorageStopped, artifact_store, open_storage, redact
 from hpsearch.study import BudgetState, budget_state, check_split, holds_slot, open_study, study_deadline
 from hpsearch.train import Interrupted
 
@@ -151,70 +151,89 @@ def trial_loop(
     waiting = False
     looked_done = False
     after_last: BudgetState | None = None
-    while True:
-        if stop.requested:
-            reason = f"stopped by {stop.signal_name}"
-            break
-        if n_trials is not None and mine >= n_trials:
-            reason = f"this worker's --n-trials {n_trials} reached"
-            break
-        if timeout is not None and time.monotonic() - started >= timeout:
-            reason = f"this worker's --timeout {timeout:g}s reached"
-            break
-        if deadline is not None and time.time() >= deadline:
-            reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
-            break
-        swept = sweeper.sweep()
-        # The count taken just after this worker's last trial (for the display) is as current as
-        # a new one, unless a sweep has failed trials since: one query less per trial.
-        budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
-        after_last = None
-        if not budget.may_start:
-            if budget.running == 0 and looked_done:
-                reason = f"study budget reached ({budget.finished} finished)"
+    try:
+        while True:
+            if stop.requested:
+                reason = f"stopped by {stop.signal_name}"
                 break
-            if budget.running == 0:
-                # Look once more after a pause: a sweep fails a dead trial and queues its copy in
-                # two writes, and between them the study looks finished.
-                looked_done = True
+            if n_trials is not None and mine >= n_trials:
+                reason = f"this worker's --n-trials {n_trials} reached"
+                break
+            if timeout is not None and time.monotonic() - started >= timeout:
+                reason = f"this worker's --timeout {timeout:g}s reached"
+                break
+            if deadline is not None and time.time() >= deadline:
+                reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
+                break
+            swept = sweeper.sweep()
+            # The count taken just after this worker's last trial (for the display) is as current as
+            # a new one, unless a sweep has failed trials since: one query less per trial.
+            budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
+            after_last = None
+            if not budget.may_start:
+                if budget.running == 0 and looked_done:
+                    reason = f"study budget reached ({budget.finished} finished)"
+                    break
+                if budget.running == 0:
+                    # Look once more after a pause: a sweep fails a dead trial and queues its copy in
+                    # two writes, and between them the study looks finished.
+                    looked_done = True
+                    stop.wait(poll_s)
+                    continue
+                if not waiting:
+                    display.note(
+                        f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
+                        f"waiting in case one of those fails and is re-queued"
+                    )
+                    waiting = True
                 stop.wait(poll_s)
                 continue
-            if not waiting:
-                display.note(
-                    f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
-                    f"waiting in case one of those fails and is re-queued"
+            waiting = looked_done = False
+            ended: list[FrozenTrial] = []
+            try:
+                study.optimize(
+                    slot, n_trials=1, catch=(TrialFailed, Interrupted, OverBudget),
+                    callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
                 )
-                waiting = True
-            stop.wait(poll_s)
-            continue
-        waiting = looked_done = False
-        ended: list[FrozenTrial] = []
-        try:
-            study.optimize(
-                slot, n_trials=1, catch=(TrialFailed, Interrupted, OverBudget),
-                callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
-            )
-        except (TakenOver, ValueError):
-            # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
-            if objective.taken_over is None:
-                raise
-            display.note(
-                f"trial {objective.taken_over} was failed by another worker while it ran here (its "
-                f"heartbeat was late); dropped here, its re-queued copy resumes from its checkpoint"
-            )
-            objective.taken_over = None
-            continue
-        trial = ended[-1]
-        if OVER_BUDGET in trial.system_attrs:
-            continue  # another worker took the last slot first: this trial never ran
-        mine += 1
-        if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
-            requeue(study, trial)
-            display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
-        after_last = budget_state(study, cfg.budget.n_trials)
-        display.trial_done(study, trial, after_last)
+            except (TakenOver, ValueError):
+                # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
+                if objective.taken_over is None:
+                    raise
+                display.note(
+                    f"trial {objective.taken_over} was failed by another worker while it ran here (its "
+                    f"lease was late); dropped here, its re-queued copy resumes from its checkpoint"
+                )
+                objective.taken_over = None
+                continue
+            trial = ended[-1]
+            if OVER_BUDGET in trial.system_attrs:
+                continue  # another worker took the last slot first: this trial never ran
+            mine += 1
+            if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
+                requeue(study, trial)
+                display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
+            after_last = budget_state(study, cfg.budget.n_trials)
+            display.trial_done(study, trial, after_last)
+    except Exception as e:
+        # A stop during a storage outage: the wait ended at once; the running trial, if any, is
+        # left RUNNING and re-queued by another worker once its lease expires. (Optuna may wrap
+        # the StorageStopped in an error of its own while it tries to record the failed trial.)
+        if not _stopped_waiting(e):
+            raise
+        reason = f"stopped by {stop.signal_name} while waiting for the storage"
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
+
+
+def _stopped_waiting(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, StorageStopped):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 class OverBudget(Exception):
@@ -251,7 +270,7 @@ class _OwnFailures(logging.Filter):
     """Optuna logs every failed trial with a traceback; for the failures hpsearch expects and
     reports itself (a signal, out of memory, a trial taken over) that is noise."""
 
-    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver, OverBudget))
+    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver, OverBudget, StorageStopped))
     NUMBER = re.compile(r"^Trial (\d+) failed with (parameters|value)")
 
     def __init__(self) -> None:
