@@ -25,7 +25,6 @@ import io
 import json
 import multiprocessing
 import secrets
-import statistics
 import sys
 import threading
 import time

@@ -326,3 +326,14 @@ def test_proxy_restart_is_waited_out(pg, tmp_path: Path):
 
 
 test_proxy_restart_is_waited_out = pytest.mark.postgres(test_proxy_restart_is_waited_out)
+
+
+def test_proxy_command_errors_are_one_line(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("proxy", "--storage", "grpc://127.0.0.1:13000", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not another proxy" in r.stderr, r.stderr
+    r = run_cli("proxy", "--storage", "postgresql+psycopg2://u:s3cret-pw@127.0.0.1:1/x", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot open storage" in r.stderr, r.stderr
+    assert "s3cret-pw" not in r.stderr + r.stdout
+

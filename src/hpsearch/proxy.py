@@ -54,6 +54,9 @@ def serve(opts: ProxyOptions, say=print) -> None:
                                   thread_pool=ThreadPoolExecutor(max_workers=opts.threads))
     except KeyboardInterrupt:
         say("proxy stopped")
+    except RuntimeError as e:  # grpc: "Failed to bind to address ..."
+        raise StorageError(f"cannot listen on {opts.host}:{opts.port} ({e}); is another proxy there? "
+                           f"choose another --port or --host") from None
     finally:
         rdb.engine.dispose()
 
