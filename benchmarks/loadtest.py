@@ -135,6 +135,15 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
     Path(out).write_text(json.dumps(rows))
 
 
+def refused(pg_url: str, name: str) -> int:
+    """Trials refused as over budget in the study so far (0 if it does not exist yet)."""
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(pg_url))
+    except KeyError:
+        return 0
+    return sum(OVER_BUDGET in t.system_attrs for t in study.get_trials(deepcopy=False))
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -148,6 +157,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     procs = [ctx.Process(target=process, args=(url, name, budget, i * per_process,
                                                workers // n_proc + (i < workers % n_proc), go, str(o)))
              for i, o in enumerate(outs)]
+    refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
         p.start()
     peak = [0]
@@ -185,7 +195,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         "trial_p50_ms": ms([r["trial"] for r in rows], 0.5),
         "db_connections_peak": peak[0],
         "overshoot": len(counted) - budget,
-        "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials),
+        "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials) - refused_before,
         "unfinished": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
     }
 

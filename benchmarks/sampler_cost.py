@@ -62,7 +62,7 @@ def main() -> None:
         rows.append(cost(n, 3 if args.quick else args.asks))
         print(json.dumps(rows[-1]), flush=True)
     doc = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "uv run python benchmarks/sampler_cost.py" + (" --quick" if args.quick else ""),
+           "command": "uv run python benchmarks/sampler_cost.py" + (" --quick" if args.quick else f" --asks {args.asks}"),
            "results": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1) + "\n")
