@@ -137,11 +137,14 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
 
 def refused(pg_url: str, name: str) -> int:
     """Trials refused as over budget in the study so far (0 if it does not exist yet)."""
+    storage = open_storage(pg_url)
     try:
-        study = optuna.load_study(study_name=name, storage=open_storage(pg_url))
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return 0
-    return sum(OVER_BUDGET in t.system_attrs for t in study.get_trials(deepcopy=False))
+    finally:
+        storage.close()
+    return sum(OVER_BUDGET in t.system_attrs for t in trials)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -180,8 +183,9 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     if any(p.exitcode for p in procs):
         sys.exit(f"load test processes failed: {[p.exitcode for p in procs]}")
     rows = [r for o in outs for r in json.loads(o.read_text())]
-    study = optuna.load_study(study_name=name, storage=open_storage(pg_url))
-    trials = study.get_trials(deepcopy=False)
+    reader = open_storage(pg_url)
+    trials = optuna.load_study(study_name=name, storage=reader).get_trials(deepcopy=False)
+    reader.close()
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     counted = [t for t in trials if t.state.is_finished() and OVER_BUDGET not in t.system_attrs
                and t.number not in retried]
