@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def serve(opts: ProxyOptions, say=print) -> None:
                            f"(sqlite:///file.db or postgresql+psycopg2://...), not another proxy")
     # The proxy's threads share one connection pool: as many connections as threads at most.
     rdb = open_rdb(opts.storage_url, pool_size=min(opts.threads, 8), max_overflow=max(0, opts.threads - 8))
-    storage = RetryingStorage(get_storage(rdb), opts.storage_url, opts.reconnect_timeout)
+    # Requests waiting out a database outage end at once when the proxy is stopped.
+    stopping = threading.Event()
+    storage = RetryingStorage(get_storage(rdb), opts.storage_url, opts.reconnect_timeout, stop=stopping)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # docker stop: stop serving as Ctrl-C does
     say(f"proxy for {redact(opts.storage_url)} on grpc://{opts.host}:{opts.port} "
         f"({opts.threads} threads); Ctrl-C stops it")
@@ -53,6 +56,7 @@ def serve(opts: ProxyOptions, say=print) -> None:
             run_grpc_proxy_server(storage, host=opts.host, port=opts.port,
                                   thread_pool=ThreadPoolExecutor(max_workers=opts.threads))
     except KeyboardInterrupt:
+        stopping.set()
         say("proxy stopped")
     except RuntimeError as e:  # grpc: "Failed to bind to address ..."
         raise StorageError(f"cannot listen on {opts.host}:{opts.port} ({e}); is another proxy there? "
