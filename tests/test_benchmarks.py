@@ -76,3 +76,11 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
         assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
         assert row["db_connections_peak"] >= 1
     assert "| existing | via |" in r.stdout
+
+
+def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "sampler.json"
+    run_quick("sampler_cost.py", mnist_dir, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["existing"] for row in rows] == [0, 200]
+    assert all(row["asks"] == 3 and row["median_ms"] > 0 for row in rows)
