@@ -114,7 +114,7 @@ class Bench:
         self.storage = open_storage(self.url, StorageConfig())
 
     def close(self) -> None:
-        self.storage.engine.dispose()
+        self.storage.close()
         con, _ = admin()
         con.cursor().execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         con.close()

@@ -82,3 +82,26 @@ def test_scaling_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_dir:
     # Every new trial of the trivial objective finished, on top of the existing ones (a budget
     # may overshoot by up to workers - 1: the README's "Budget across workers").
     assert all(6 <= row["trials"] <= 7 and row["median_ms"] > 0 for row in rows)
+
+
+@pytest.mark.postgres
+def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "loadtest.json"
+    r = run_quick("loadtest.py", mnist_dir, out)
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [(row["existing"], row["via"], row["workers"]) for row in rows] == [
+        (0, "postgresql", 8), (0, "proxy", 8), (20, "postgresql", 8), (20, "proxy", 8)]
+    for row in rows:
+        assert row["trials"] >= 1 and row["trials_per_s"] > 0 and row["ask_p50_ms"] > 0
+        assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
+        assert row["db_connections_peak"] >= 1
+    assert "| existing | via |" in r.stdout
+
+
+def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "sampler.json"
+    run_quick("sampler_cost.py", mnist_dir, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["existing"] for row in rows] == [0, 200]
+    assert all(row["asks"] == 3 and row["median_ms"] > 0 for row in rows)

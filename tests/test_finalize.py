@@ -449,7 +449,7 @@ def test_no_completed_trial_is_an_error(searched, mnist_dir, tmp_path, capsys):
     cfg = load_config(searched.study_file)
     storage = open_storage(url(d), cfg.storage)
     open_study(cfg, storage)
-    storage.engine.dispose()
+    storage.close()
     before = snapshot(d)
     rc, out, err = run_finalize(d, mnist_dir)
     assert rc == 2 and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ from hpsearch.checkpoint import BEST_WEIGHTS, load_checkpoint
 from hpsearch.config import load_config
 from hpsearch.data import load_search_data
 from hpsearch.progress import Display
-from hpsearch.storage import artifact_store, open_storage
+from hpsearch.storage import artifact_store
 from hpsearch.train import evaluate
 from hpsearch.worker import WorkerOptions, run_worker
 

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from conftest import hpsearch_cmd, write_study
 from hpsearch.config import load_config
-from hpsearch.recovery import Sweeper
+from hpsearch.recovery import LEASE, OVER_BUDGET, Sweeper, trial_id
 from hpsearch.storage import open_storage
 from hpsearch.study import open_study
 
@@ -37,8 +37,11 @@ def test_two_workers_finish_one_budget_on_one_sqlite_file(tmp_path: Path, mnist_
     study = optuna.load_study(study_name="pair", storage=f"sqlite:///{tmp_path / 'hpsearch.db'}")
     trials = study.trials
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    # The budget is met; a race between the two workers' checks may add at most one trial.
-    assert budget <= len(finished) <= budget + 1, [t.state for t in trials]
+    # Exactly the budget; a trial that lost the race for the last slot is refused before training.
+    assert len(finished) == budget, [t.state for t in trials]
+    over = [t for t in trials if OVER_BUDGET in t.system_attrs]
+    assert all(t.state == TrialState.FAIL and not t.params for t in over)
+    trials = [t for t in trials if t not in over]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
     assert len({t.number for t in trials}) == len(trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both took part
@@ -71,7 +74,6 @@ def test_workers_racing_to_create_a_new_sqlite_file_all_succeed(tmp_path: Path) 
         assert [p.exitcode for p in procs] == [0, 0, 0, 0]
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_sweep_fails_stale_trials_and_runs_at_most_once_per_interval(tmp_path: Path) -> None:
     cfg = load_config(write_study(tmp_path / "sweep.toml", "sweep", heartbeat_interval=1, grace_period=2))
     storage = open_storage(f"sqlite:///{tmp_path / 'hpsearch.db'}", cfg.storage)
@@ -79,7 +81,8 @@ def test_a_sweep_fails_stale_trials_and_runs_at_most_once_per_interval(tmp_path:
 
     def stale_trial() -> int:
         trial = study.ask()
-        storage.record_heartbeat(trial._trial_id)  # one beat, then silence: a dead worker
+        # One renewal of its lease, then silence: a dead worker.
+        storage.set_trial_system_attr(trial_id(storage, study, trial.number), LEASE, time.time())
         return trial.number
 
     def state(number: int) -> TrialState:

@@ -28,7 +28,8 @@ from hpsearch.model import CNN, ModelSpec
 from hpsearch.train import HParams, Precision, TrainState
 
 if TYPE_CHECKING:
-    from optuna.artifacts._protocol import ArtifactStore  # FileSystem, Boto3 or GCS store
+    # Optuna's artifact-store protocol lives in a private module; any store with its methods works.
+    ArtifactStore = FileSystemArtifactStore
 
 FORMAT = 1
 BEST_WEIGHTS = "best_weights_artifact"

@@ -1,10 +1,11 @@
-"""`hpsearch worker | status | finalize | dashboard`: known errors become one line and exit code 2.
+"""`hpsearch worker | status | finalize | dashboard | proxy`: known errors become one line and exit code 2.
 
     hpsearch worker --study cnn                 # search (or join a search) on ./hpsearch.db
     hpsearch worker --study cnn --processes 4   # four workers on this node, spread over its GPUs
     hpsearch status --study cnn                 # trials, budget, rate, reasons, best, finalize result
     hpsearch finalize --study cnn               # test the best model once, write reports/cnn/
     hpsearch dashboard                          # optuna-dashboard on http://127.0.0.1:8080
+    hpsearch proxy --storage postgresql+psycopg2://...   # one gRPC proxy; workers use grpc://host:13000
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--storage", default=argparse.SUPPRESS,
         metavar="URL",
-        help="study storage: sqlite:///file.db or postgresql://user:pw@host/db (psycopg2) "
+        help="study storage: sqlite:///file.db, postgresql://user:pw@host/db (psycopg2) or "
+        "grpc://host:port (an `hpsearch proxy`) "
         "(default: $HPSEARCH_STORAGE, else sqlite:///hpsearch.db)",
     )
     study = argparse.ArgumentParser(add_help=False)
@@ -157,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the test split again although it was used before (recorded)")
     f.add_argument("--out", default="reports", metavar="DIR", help="reports go to DIR/<study>/ (default: reports)")
     _add_training_options(f, data_root="data.root of the study's config")
+
+    x = sub.add_parser(
+        "proxy", parents=[common], help="serve the storage to many workers through Optuna's gRPC proxy",
+        description="Run Optuna's gRPC storage proxy in front of --storage (the database): one "
+        "process holds the database connections and a trial cache for any number of workers, which "
+        "then use --storage grpc://HOST:PORT. Database outages are waited out here. It has no "
+        "authentication: keep it on a private network.",
+    )
+    x.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0 for workers on other nodes)")
+    x.add_argument("--port", type=_port, default=13000, help="port to listen on (default: 13000)")
+    x.add_argument("--threads", type=_positive_int, default=16, metavar="N",
+                   help="requests served at once, and at most as many database connections (default: 16)")
+    x.add_argument("--reconnect-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                   help="how long to wait out a database outage before a request fails (default: 600)")
     return parser
 
 
@@ -231,6 +248,16 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from hpsearch.proxy import ProxyOptions, serve
+    from hpsearch.storage import resolve_url
+
+    _log_to_stderr("")
+    serve(ProxyOptions(resolve_url(args.storage), args.host, args.port, args.threads, args.reconnect_timeout),
+          say=lambda line: print(f"hpsearch: {line}", flush=True))
+    return 0
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -263,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "status": _cmd_status,
         "finalize": lambda a: _cmd_finalize(a, argv),
         "dashboard": _cmd_dashboard,
+        "proxy": _cmd_proxy,
     }
     try:
         return commands[args.command](args)

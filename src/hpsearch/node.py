@@ -59,7 +59,7 @@ def _preflight(opts: WorkerOptions) -> None:
     study = open_study(cfg, storage, opts.worker_index)  # created once here: no race among children
     check_split(study, data.fingerprint)
     artifact_store(opts.storage_url, opts.artifacts)
-    storage.engine.dispose()
+    storage.close()
 
 
 def child_command(opts: WorkerOptions, study_arg: str, index: int, device: str, threads: int,

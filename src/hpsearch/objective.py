@@ -40,7 +40,7 @@ from hpsearch.config import (
 from hpsearch.data import SearchData, crop_size
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.provenance import code_version, library_versions
-from hpsearch.recovery import retry_source
+from hpsearch.recovery import retry_source, trial_id
 from hpsearch.storage import set_user_attrs
 from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
 
@@ -131,9 +131,9 @@ class Objective:
 
     def _resume_point(self, trial: optuna.Trial, hp: HParams) -> ResumePoint | None:
         """The checkpoint a re-queued trial continues from, if its predecessor left one."""
-        # Optuna has no public accessor for a live trial's system attrs; the storage call is the
-        # same one `upload_artifact` makes with the trial id.
-        source = retry_source(trial.storage.get_trial_system_attrs(trial._trial_id))
+        # Optuna has no public accessor for a live trial's system attrs: ask the storage, by the
+        # trial's id from its public lookups.
+        source = retry_source(trial.storage.get_trial_system_attrs(trial_id(trial.storage, trial.study, trial.number)))
         pointer = trial.user_attrs.get(EPOCH_CHECKPOINT) if source is not None else None
         if not pointer:
             return None

@@ -1,14 +1,18 @@
 """Trials whose worker is gone: find them, fail them, queue a copy that resumes from a checkpoint.
 
+A running trial holds a lease: the system attribute `hpsearch:lease`, the wall-clock time its
+worker last wrote it, renewed every `heartbeat_interval` seconds by a thread (`Lease`). It is an
+ordinary trial attribute written through Optuna's public storage API, so it works the same on
+SQLite, PostgreSQL and through the gRPC proxy (which cannot carry Optuna's own heartbeats).
 Three ways a trial is left behind, and who picks it up:
-- its worker died (kill -9, node lost): the heartbeat stops; after `grace_period` any worker's
-  sweep fails it and Optuna's `RetryHeartbeatStaleTrialCallback` queues a copy (WAITING, same
-  parameters, system attrs `failed_trial` / `retry_history`, the user attributes and reported
-  values inherited). Workers sweep when they start, before every trial and while they wait, at
-  most once per heartbeat interval.
-- its worker died between creating the trial and its first heartbeat: Optuna never calls such a
-  trial stale. `Sweeper` fails it once this worker has seen it without a heartbeat for a whole
-  grace period (its own clock, so clocks on different nodes need not agree).
+- its worker died (kill -9, node lost, proxy or network gone for good): the lease is no longer
+  renewed; once it is older than `grace_period` any worker's sweep fails the trial and queues a
+  copy (WAITING, same parameters, system attrs `failed_trial` / `retry_history`, the user
+  attributes and reported values inherited, at most `max_retry` times). Workers sweep when they
+  start, before every trial and while they wait, at most once per heartbeat interval. Nodes'
+  clocks must agree to well within the grace period (NTP does).
+- its worker died between creating the trial and its first lease: `Sweeper` fails it once this
+  worker has seen it without a lease for a whole grace period (its own clock).
 - its worker was stopped (SIGTERM, Ctrl-C): the worker fails the trial and queues the copy itself
   (`requeue`), with no retry limit: being stopped is not the trial's fault.
 The copy inherits the trial's `epoch_checkpoint` user attribute, which is where it resumes.
@@ -16,27 +20,41 @@ The copy inherits the trial's `epoch_checkpoint` user attribute, which is where 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import threading
 import time
-import warnings
+from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger("hpsearch.recovery")
 
+LEASE = "hpsearch:lease"
+OVER_BUDGET = "hpsearch:over_budget"  # system attr of a trial that lost the race for the last slot
 
-def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a copy of a stopped trial, marked exactly as a heartbeat retry is (so the budget
-    and the resume logic treat both alike)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=None, inherit_intermediate_values=True)(study, trial)
+
+def requeue(study: optuna.Study, trial: FrozenTrial, max_retry: int | None = None) -> bool:
+    """Queue a copy of a failed trial, marked as Optuna's `RetryHeartbeatStaleTrialCallback`
+    marks it (`failed_trial`, `retry_history`), without the dead trial's lease. False when the
+    trial has been retried `max_retry` times already."""
+    if OVER_BUDGET in trial.system_attrs:
+        return False  # it never held a slot: nothing to re-run
+    system_attrs: dict[str, Any] = {"failed_trial": trial.number, **trial.system_attrs}
+    system_attrs.pop(LEASE, None)
+    system_attrs["retry_history"] = [*system_attrs.get("retry_history", []), trial.number]
+    if max_retry is not None and len(system_attrs["retry_history"]) > max_retry:
+        return False
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING,
+        params=trial.params,
+        distributions=trial.distributions,
+        user_attrs=trial.user_attrs,
+        system_attrs=system_attrs,
+        intermediate_values=trial.intermediate_values,
+    ))
+    return True
 
 
 def retry_source(system_attrs: dict) -> int | None:
@@ -45,61 +63,99 @@ def retry_source(system_attrs: dict) -> int | None:
     return history[-1] if history else None
 
 
+def trial_id(storage: Any, study: optuna.Study, number: int) -> int:
+    """A trial's storage id from its number, by the storage's public lookups."""
+    sid = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(sid, number)
+
+
+class Lease:
+    """Renew a running trial's lease every `interval` seconds in a thread, until `stop()`.
+
+    The first renewal is written before `start` returns, so a trial is never RUNNING for long
+    without one. A renewal lost to an outage is written again one interval later; a trial that
+    another worker has failed meanwhile (its lease had expired) ends the thread.
+    """
+
+    def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
+        self.storage = storage
+        self.trial_id = trial_id
+        self.interval = interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{trial_id}", daemon=True)
+
+    def start(self) -> "Lease":
+        self._renew()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _renew(self) -> bool:
+        try:
+            self.storage.record_lease(self.trial_id, LEASE, time.time())
+            return True
+        except (optuna.exceptions.UpdateFinishedTrialError, KeyError, RuntimeError):
+            return False  # finished or failed by another worker: nothing left to hold
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            if not self._renew():
+                return
+
+
 class Sweeper:
-    def __init__(self, study: optuna.Study, storage: RDBStorage, grace_period: float,
-                 min_interval: float = 0.0) -> None:
+    def __init__(self, study: optuna.Study, storage: Any, grace_period: float,
+                 min_interval: float = 0.0, max_retry: int | None = None) -> None:
         self.study = study
         self.storage = storage
         self.grace_period = grace_period
-        # Sweeping more often than trials beat finds nothing new; with short trials and many
-        # workers it is a visible share of the storage traffic (BENCHMARKS.md, overhead).
+        self.max_retry = max_retry
+        # Sweeping more often than leases are renewed finds nothing new; with short trials and
+        # many workers it is a visible share of the storage traffic (BENCHMARKS.md).
         self.min_interval = min_interval
         self._last = -math.inf
-        self._no_beat_since: dict[int, float] = {}  # trial id -> when this worker first saw it
+        self._no_lease_since: dict[int, float] = {}  # trial number -> when this worker first saw it
+        self._sid: int | None = None
 
     def sweep(self) -> bool:
-        """Fail stale trials (and queue their copies); False when skipped as too soon."""
+        """Fail trials whose lease expired (and queue their copies); False when skipped as too soon."""
         now = time.monotonic()
         if now - self._last < self.min_interval:
             return False
         self._last = now
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)
-        self._sweep_never_beat()
+        if self._sid is None:
+            self._sid = self.storage.get_study_id_from_name(self.study.study_name)
+        running = self.storage.get_all_trials(self._sid, deepcopy=False, states=(TrialState.RUNNING,))
+        wall = time.time()
+        stale: list[tuple[FrozenTrial, str]] = []
+        seen: dict[int, float] = {}
+        for t in running:
+            lease = t.system_attrs.get(LEASE)
+            if lease is not None:
+                if wall - float(lease) > self.grace_period:
+                    stale.append((t, f"its lease is {wall - float(lease):.0f} s old"))
+                continue
+            since = seen[t.number] = self._no_lease_since.get(t.number, now)
+            if now - since > self.grace_period:
+                stale.append((t, f"it had no lease for {self.grace_period} s"))
+                del seen[t.number]
+        self._no_lease_since = seen
+        for trial, why in stale:
+            self._fail_and_requeue(trial, why)
         return True
 
-    def _sweep_never_beat(self) -> None:
-        study_id = self.study._study_id
-        # One storage method call, so a database outage is retried like any other.
-        ids = set(self.storage._call_with_retry("running_without_heartbeat", _running_without_heartbeat,
-                                                study_id))
-        now = time.monotonic()
-        self._no_beat_since = {i: self._no_beat_since.get(i, now) for i in ids}
-        for trial_id, since in list(self._no_beat_since.items()):
-            if now - since <= self.grace_period:
-                continue
-            del self._no_beat_since[trial_id]
-            try:
-                if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                    continue
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another worker got there first, or it finished after all
-            trial = copy.deepcopy(self.storage.get_trial(trial_id))
-            log.warning("trial %d never sent a heartbeat in %s s: failed and re-queued",
-                        trial.number, self.grace_period)
-            callback = self.storage.get_heartbeat_stale_trial_callback()
-            if callback is not None:
-                callback(self.study, trial)
-
-
-def _running_without_heartbeat(storage: RDBStorage, study_id: int) -> list[int]:
-    with _create_scoped_session(storage.scoped_session) as session:
-        rows = (
-            session.query(models.TrialModel.trial_id)
-            .filter(models.TrialModel.study_id == study_id)
-            .filter(models.TrialModel.state == TrialState.RUNNING)
-            .filter(~models.TrialModel.heartbeats.any())
-            .all()
-        )
-    return [r[0] for r in rows]
+    def _fail_and_requeue(self, trial: FrozenTrial, why: str) -> None:
+        tid = self.storage.get_trial_id_from_study_id_trial_number(self._sid, trial.number)
+        try:
+            if not self.storage.set_trial_state_values(tid, state=TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # another worker got there first, or it finished after all
+        failed = self.storage.get_trial(tid)
+        queued = requeue(self.study, failed, self.max_retry)
+        log.warning("trial %d failed (%s)%s", trial.number, why,
+                    "; re-queued" if queued else f"; not re-queued: retried {self.max_retry} times")

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import optuna
-from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch import __version__
 from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
 from hpsearch.errors import StorageError
+from hpsearch.recovery import OVER_BUDGET
 from hpsearch.storage import study_names
 
 OBJECTIVE_NAME = "validation loss"
@@ -56,7 +57,7 @@ def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner
 
 def open_study(
     cfg: StudyConfig,
-    storage: RDBStorage,
+    storage: BaseStorage,
     worker_index: int = 0,
     *,
     on_create: Callable[[optuna.Study], None] | None = None,
@@ -101,7 +102,7 @@ def open_study(
     return study
 
 
-def load_study(name: str, storage: RDBStorage) -> optuna.Study:
+def load_study(name: str, storage: BaseStorage) -> optuna.Study:
     """An existing study by name; the error lists the studies that exist."""
     names = study_names(storage)
     if name not in names:
@@ -142,12 +143,44 @@ class BudgetState:
         return self.waiting > 0 or self.finished + self.running < self.budget
 
 
+
+
+def is_retry(t: FrozenTrial) -> bool:
+    """A re-queued copy: it re-runs its source's slot instead of taking a new one."""
+    return "retry_history" in t.system_attrs
+
+
+def counts(t: FrozenTrial) -> bool:
+    """Whether a trial can hold a slot of the budget (over-budget trials never do)."""
+    return OVER_BUDGET not in t.system_attrs
+
+
+def holds_slot(trials: list[FrozenTrial], number: int, budget: int) -> bool:
+    """Whether trial `number` holds one of the study's `budget` slots.
+
+    The storage numbers trials in the order it creates them, one at a time (RDBStorage locks the
+    study row to do so, and the gRPC proxy writes through it), so numbers are a total order that
+    every worker sees alike. A new trial (not a re-queued copy) holds a slot if fewer than `budget`
+    new trials came before it; later ones are over the budget, whoever checks first. A copy
+    re-runs the slot of the trial its retry chain started from, if that one held one.
+    """
+    by_number = {t.number: t for t in trials}
+    me = by_number.get(number)
+    if me is not None and is_retry(me):
+        number = me.system_attrs["retry_history"][0]
+        me = by_number.get(number)
+    if me is None or not counts(me):
+        return False
+    before = sum(1 for t in trials if t.number < number and not is_retry(t) and counts(t))
+    return before < budget
+
+
 def budget_state(study: optuna.Study, budget: int) -> BudgetState:
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     count = {s: 0 for s in TrialState}
     for t in trials:
-        if t.state == TrialState.FAIL and t.number in retried:
+        if not counts(t) or (t.state == TrialState.FAIL and t.number in retried):
             continue
         count[t.state] += 1
     return BudgetState(

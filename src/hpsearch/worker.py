@@ -1,13 +1,15 @@
 """The worker loop: join the study, take trials until the budget (or this worker's limit) is met.
 
 Any number of workers, on any number of machines, run this against one storage. A trial is
-started only while `finished + running < budget` (re-queued trials first), so the study's total
-is honoured whoever runs the trials; see the README for how far it can overshoot. When the budget
+asked for only while `finished + running < budget` (re-queued trials first), and a new trial then
+claims its slot (`study.holds_slot`) before it trains, so the study ends with exactly its budget
+whoever runs the trials. When the budget
 is taken but other workers' trials still run, a worker waits instead of leaving: if one of those
 workers dies, its trial is re-queued and someone must be there to finish it.
 
-Stale trials (a dead worker's) are swept when the worker starts, before every trial and while it
-waits. SIGTERM / Ctrl-C stop the running trial and re-queue it (`signals.py`).
+A running trial holds a lease (recovery.py); stale trials (a dead worker's) are swept when the
+worker starts, before every trial and while it waits. SIGTERM / Ctrl-C stop the running trial and
+re-queue it (`signals.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import StudyConfig
@@ -30,10 +31,10 @@ from hpsearch.data import SearchData, crop_size, load_search_data
 from hpsearch.errors import HpsearchError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
-from hpsearch.recovery import Sweeper, requeue
+from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
 from hpsearch.signals import StopRequest
-from hpsearch.storage import artifact_store, open_storage, redact
-from hpsearch.study import BudgetState, budget_state, check_split, open_study, study_deadline
+from hpsearch.storage import RetryingStorage, StorageStopped, artifact_store, open_storage, redact
+from hpsearch.study import BudgetState, budget_state, check_split, holds_slot, open_study, study_deadline
 from hpsearch.train import Interrupted
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
@@ -120,7 +121,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     for warning in data.class_counts.warnings:
         display.note(f"warning: {warning}")
 
-    storage = open_storage(opts.storage_url, cfg.storage)
+    storage = open_storage(opts.storage_url, cfg.storage, stop=stop)
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: _on_create(s, cfg, data))
     check_split(study, data.fingerprint)
     store = artifact_store(opts.storage_url, opts.artifacts)
@@ -143,7 +144,7 @@ def _on_create(study: optuna.Study, cfg: StudyConfig, data: SearchData) -> None:
 
 def trial_loop(
     study: optuna.Study,
-    storage: RDBStorage,
+    storage: RetryingStorage,
     cfg: StudyConfig,
     objective: Objective,
     display: Display,
@@ -156,77 +157,137 @@ def trial_loop(
     (`n_trials`, `timeout` in seconds) or a signal: sweep stale trials, check the budget, run one
     trial, re-queue it if a signal interrupted it. Everything a worker does apart from the data and
     the model; the storage benchmark drives it with a trivial objective (benchmarks/scaling.py)."""
-    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval)
+    sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval,
+                      max_retry=cfg.storage.max_retry)
+    slot = _Slot(objective, storage, study, cfg)
     sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
     deadline = study_deadline(study, cfg.budget.timeout_minutes)
     poll_s = min(cfg.storage.heartbeat_interval, 5)
     started = time.monotonic()
     mine = 0
     waiting = False
+    looked_done = False
     after_last: BudgetState | None = None
-    while True:
-        if stop.requested:
-            reason = f"stopped by {stop.signal_name}"
-            break
-        if n_trials is not None and mine >= n_trials:
-            reason = f"this worker's --n-trials {n_trials} reached"
-            break
-        if timeout is not None and time.monotonic() - started >= timeout:
-            reason = f"this worker's --timeout {timeout:g}s reached"
-            break
-        if deadline is not None and time.time() >= deadline:
-            reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
-            break
-        swept = sweeper.sweep()
-        # The count taken just after this worker's last trial (for the display) is as current as
-        # a new one, unless a sweep has failed trials since: one query less per trial.
-        budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
-        after_last = None
-        if not budget.may_start:
-            if budget.running == 0:
-                reason = f"study budget reached ({budget.finished} finished)"
+    try:
+        while True:
+            if stop.requested:
+                reason = f"stopped by {stop.signal_name}"
                 break
-            if not waiting:
-                display.note(
-                    f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
-                    f"waiting in case one of those fails and is re-queued"
+            if n_trials is not None and mine >= n_trials:
+                reason = f"this worker's --n-trials {n_trials} reached"
+                break
+            if timeout is not None and time.monotonic() - started >= timeout:
+                reason = f"this worker's --timeout {timeout:g}s reached"
+                break
+            if deadline is not None and time.time() >= deadline:
+                reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
+                break
+            swept = sweeper.sweep()
+            # The count taken just after this worker's last trial (for the display) is as current as
+            # a new one, unless a sweep has failed trials since: one query less per trial.
+            budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
+            after_last = None
+            if not budget.may_start:
+                if budget.running == 0 and looked_done:
+                    reason = f"study budget reached ({budget.finished} finished)"
+                    break
+                if budget.running == 0:
+                    # Look once more after a pause: a sweep fails a dead trial and queues its copy in
+                    # two writes, and between them the study looks finished.
+                    looked_done = True
+                    stop.wait(poll_s)
+                    continue
+                if not waiting:
+                    display.note(
+                        f"budget taken: {budget.finished} finished + {budget.running} running elsewhere; "
+                        f"waiting in case one of those fails and is re-queued"
+                    )
+                    waiting = True
+                stop.wait(poll_s)
+                continue
+            waiting = looked_done = False
+            ended: list[FrozenTrial] = []
+            try:
+                study.optimize(
+                    slot, n_trials=1, catch=(TrialFailed, Interrupted, OverBudget),
+                    callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
                 )
-                waiting = True
-            stop.wait(poll_s)
-            continue
-        waiting = False
-        ended: list[FrozenTrial] = []
-        try:
-            study.optimize(
-                objective, n_trials=1, catch=(TrialFailed, Interrupted),
-                callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
-            )
-        except (TakenOver, ValueError):
-            # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
-            if objective.taken_over is None:
-                raise
-            display.note(
-                f"trial {objective.taken_over} was failed by another worker while it ran here (its "
-                f"heartbeat was late); dropped here, its re-queued copy resumes from its checkpoint"
-            )
-            objective.taken_over = None
-            continue
-        mine += 1
-        trial = ended[-1]
-        if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
-            requeue(study, trial)
-            display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
-        after_last = budget_state(study, cfg.budget.n_trials)
-        display.trial_done(study, trial, after_last)
+            except (TakenOver, ValueError):
+                # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
+                if objective.taken_over is None:
+                    raise
+                display.note(
+                    f"trial {objective.taken_over} was failed by another worker while it ran here (its "
+                    f"lease was late); dropped here, its re-queued copy resumes from its checkpoint"
+                )
+                objective.taken_over = None
+                continue
+            trial = ended[-1]
+            if OVER_BUDGET in trial.system_attrs:
+                continue  # another worker took the last slot first: this trial never ran
+            mine += 1
+            if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
+                requeue(study, trial)
+                display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
+            after_last = budget_state(study, cfg.budget.n_trials)
+            display.trial_done(study, trial, after_last)
+    except Exception as e:
+        # A stop during a storage outage: the wait ended at once; the running trial, if any, is
+        # left RUNNING and re-queued by another worker once its lease expires. (Optuna may wrap
+        # the StorageStopped in an error of its own while it tries to record the failed trial.)
+        if not _stopped_waiting(e):
+            raise
+        reason = f"stopped by {stop.signal_name} while waiting for the storage"
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
+
+
+def _stopped_waiting(e: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, StorageStopped):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class OverBudget(Exception):
+    """The trial just created is past the study's budget: another worker took the last slot."""
+
+
+class _Slot:
+    """The objective as the worker runs it: hold a lease on the trial while it runs, and first
+    claim its slot of the budget (`study.holds_slot`); a trial past the budget is marked and
+    failed at once, before any training, and does not count."""
+
+    def __init__(self, objective: Objective, storage: RetryingStorage, study: optuna.Study,
+                 cfg: StudyConfig) -> None:
+        self.objective = objective
+        self.storage = storage
+        self.study = study
+        self.cfg = cfg
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tid = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        lease = Lease(self.storage, tid, self.cfg.storage.heartbeat_interval).start()
+        try:
+            trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+            if not holds_slot(trials, trial.number, self.cfg.budget.n_trials):
+                self.storage.set_trial_system_attr(tid, OVER_BUDGET, True)
+                raise OverBudget(f"trial {trial.number} is past the budget of {self.cfg.budget.n_trials}")
+            return self.objective(trial)
+        finally:
+            lease.stop()
 
 
 class _OwnFailures(logging.Filter):
     """Optuna logs every failed trial with a traceback; for the failures hpsearch expects and
     reports itself (a signal, out of memory, a trial taken over) that is noise."""
 
-    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver))
+    OURS = tuple(f"{cls.__name__}(" for cls in (Interrupted, TrialFailed, TakenOver, OverBudget, StorageStopped))
     NUMBER = re.compile(r"^Trial (\d+) failed with (parameters|value)")
 
     def __init__(self) -> None:

@@ -1,0 +1,268 @@
+"""Load test of the storage path: W simulated workers against PostgreSQL, directly and through
+`hpsearch proxy`, on studies that already hold 0, 2,000 and 10,000 finished trials.
+
+Each simulated worker runs hpsearch's real worker loop (`hpsearch.worker.trial_loop`: sweeps,
+budget checks, the slot claim, the lease thread, ask/tell) around an objective that makes a real
+trial's storage traffic (the default space suggested, a real trial's user attributes, a report
+and a pruning check per epoch) and trains nothing. Workers are threads, `--threads-per-process`
+of them per process, sharing that process's storage object (a real worker process has its own):
+direct database connections therefore grow with the number of processes, W / 8.
+
+Reported per run: trials/s, ask and tell latency p50/p99 (ask: from `study.optimize` to the
+objective, so it includes the sampler, the trial's creation, the slot claim and the first lease;
+tell: from the objective's return until `optimize` returns), the most connections to the
+database seen in `pg_stat_activity`, and the budget overshoot (trials counted beyond the budget:
+must be 0) with the number of over-budget claims refused.
+
+    uv run python benchmarks/loadtest.py            # the full table (about 10 minutes on 2 cores)
+    uv run python benchmarks/loadtest.py --quick    # 8 workers, 8 trials on 0 and 20: a few seconds of work
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import secrets
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from machine import machine  # noqa: E402
+from scaling import TrivialObjective, made_up_loss, overhead_config  # noqa: E402
+from storages import Proxy, pg_connections, pg_database  # noqa: E402
+
+from hpsearch.objective import suggest_hparams  # noqa: E402
+from hpsearch.progress import Display  # noqa: E402
+from hpsearch.recovery import OVER_BUDGET  # noqa: E402
+from hpsearch.signals import StopRequest  # noqa: E402
+from hpsearch.storage import open_storage  # noqa: E402
+from hpsearch.study import open_study  # noqa: E402
+from hpsearch.worker import trial_loop  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "loadtest.json"
+
+
+class Timed:
+    """The objective, with the moments it was entered and left (for ask and tell latency)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.taken_over = None
+        self.interrupted = None
+        self.entered: list[float] = []
+        self.left: list[float] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.entered.append(time.perf_counter())
+        try:
+            return self.inner(trial)
+        finally:
+            self.left.append(time.perf_counter())
+
+
+def populate(url: str, name: str, n: int) -> float:
+    """`n` finished trials of the default space (params, value, 3 reported values and the
+    `hparams` user attribute; not the other attributes of a real trial, which only make writing
+    them slower), added through `study.add_trials`."""
+    cfg = overhead_config(name, n)
+    storage = open_storage(url, cfg.storage)
+    study = open_study(cfg, storage)
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = []
+    for _ in range(n):
+        t = scratch.ask()
+        hp = suggest_hparams(t, cfg.search)
+        loss = made_up_loss(hp)
+        trials.append(optuna.trial.create_trial(
+            params=t.params, distributions=t.distributions, value=loss, user_attrs={"hparams": hp.to_dict()},
+            intermediate_values={e: loss * (1 + 1 / e) for e in (1, 2, 3)}))
+    t0 = time.monotonic()
+    study.add_trials(trials)
+    took = time.monotonic() - t0
+    storage.close()
+    return took
+
+
+def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str) -> None:
+    """One process of `threads` simulated workers sharing one storage."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    cfg = overhead_config(name, budget)
+    storage = open_storage(url, cfg.storage, pool_size=2, max_overflow=2)
+    rows: list[dict] = []
+
+    def worker(i: int) -> None:
+        study = open_study(cfg, storage, worker_index=i)
+        objective = Timed(TrivialObjective(cfg))
+        started: list[float] = []
+        ended: list[float] = []
+        optimize = study.optimize
+
+        def timed_optimize(*a, **k):
+            started.append(time.perf_counter())
+            try:
+                return optimize(*a, **k)
+            finally:
+                ended.append(time.perf_counter())
+
+        study.optimize = timed_optimize  # instrumentation only: the loop is hpsearch's own
+        go.wait()
+        trial_loop(study, storage, cfg, objective, Display(Console(file=io.StringIO()), live=False),
+                   StopRequest())
+        # Trials refused as over budget never enter the objective: pair only the ones that did.
+        for s, e in zip(started, ended):
+            inside = [(a, b) for a, b in zip(objective.entered, objective.left) if s <= a <= e]
+            if inside:
+                a, b = inside[0]
+                rows.append({"ask": a - s, "tell": e - b, "trial": e - s})
+
+    pool = [threading.Thread(target=worker, args=(first_index + i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    storage.close()
+    Path(out).write_text(json.dumps(rows))
+
+
+def refused(pg_url: str, name: str) -> int:
+    """Trials refused as over budget in the study so far (0 if it does not exist yet)."""
+    storage = open_storage(pg_url)
+    try:
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return 0
+    finally:
+        storage.close()
+    return sum(OVER_BUDGET in t.system_attrs for t in trials)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    n_proc = max(1, workers // per_process)
+    outs = [tmp / f"{name}-{workers}-{i}.json" for i in range(n_proc)]
+    procs = [ctx.Process(target=process, args=(url, name, budget, i * per_process,
+                                               workers // n_proc + (i < workers % n_proc), go, str(o)))
+             for i, o in enumerate(outs)]
+    refused_before = refused(pg_url, name)  # the study may have had runs before this one
+    for p in procs:
+        p.start()
+    peak = [0]
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.wait(0.25):
+            peak[0] = max(peak[0], pg_connections(pg_url))
+
+    time.sleep(2 + n_proc)  # imports: the clock starts with the processes ready
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    go.set()
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - start
+    watching.set()
+    watcher.join()
+    if any(p.exitcode for p in procs):
+        sys.exit(f"load test processes failed: {[p.exitcode for p in procs]}")
+    rows = [r for o in outs for r in json.loads(o.read_text())]
+    reader = open_storage(pg_url)
+    trials = optuna.load_study(study_name=name, storage=reader).get_trials(deepcopy=False)
+    reader.close()
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    counted = [t for t in trials if t.state.is_finished() and OVER_BUDGET not in t.system_attrs
+               and t.number not in retried]
+    ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
+    asks, tells = [r["ask"] for r in rows], [r["tell"] for r in rows]
+    return {
+        "workers": workers, "processes": n_proc, "trials": len(rows), "wall_s": round(wall, 2),
+        "trials_per_s": round(len(rows) / wall, 2),
+        "ask_p50_ms": ms(asks, 0.5), "ask_p99_ms": ms(asks, 0.99),
+        "tell_p50_ms": ms(tells, 0.5), "tell_p99_ms": ms(tells, 0.99),
+        "trial_p50_ms": ms([r["trial"] for r in rows], 0.5),
+        "db_connections_peak": peak[0],
+        "overshoot": len(counted) - budget,
+        "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials) - refused_before,
+        "unfinished": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="8 workers, 8 trials, on 0 and 20 trials, both paths")
+    p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--existing", type=int, nargs="+", default=[0, 2000, 10000])
+    p.add_argument("--threads-per-process", type=int, default=8)
+    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)  # accepted like the other benchmarks'
+    args = p.parse_args()
+    if args.quick:
+        args.workers, args.existing = [8], [0, 20]
+    new_trials = (lambda w: 8) if args.quick else (lambda w: w + 16)  # every worker gets a trial
+    tmp = Path(__import__("tempfile").mkdtemp(prefix="hpsearch-load-"))
+    results = []
+    with pg_database() as pg_url:
+        open_storage(pg_url).close()  # the tables, before the proxy opens the database too
+        proxy = Proxy(pg_url, tmp / "proxy.log").start()
+        try:
+            for existing in args.existing:
+                name = f"load-{existing}-{secrets.token_hex(2)}"
+                populate_s = populate(pg_url, name, existing) if existing else 0.0
+                print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
+                done = existing
+                for via, url in (("postgresql", pg_url), ("proxy", proxy.url)):
+                    for w in args.workers:
+                        budget = done + new_trials(w)
+                        row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp)
+                        done = budget
+                        row.update(existing=existing, via=via, populate_s=round(populate_s, 1))
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                        save(args, results)  # row by row: a run cut short keeps what it measured
+        finally:
+            proxy.stop()
+    print(table(results))
+
+
+def save(args: argparse.Namespace, results: list[dict]) -> None:
+    command = "uv run python benchmarks/loadtest.py" + (" --quick" if args.quick else "")
+    if not args.quick and (args.workers != [8, 32, 64] or args.existing != [0, 2000, 10000]):
+        command += f" --workers {' '.join(map(str, args.workers))} --existing {' '.join(map(str, args.existing))}"
+    doc = {"machine": machine(), "load_average": list(__import__("os").getloadavg()),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+           "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| existing | via | W | procs | trials/s | ask p50 / p99 ms | tell p50 / p99 ms | "
+            "trial p50 ms | DB connections | overshoot | refused |")
+    lines = [head, "|" + " --- |" * 11]
+    for r in rows:
+        lines.append(f"| {r['existing']:,} | {r['via']} | {r['workers']} | {r['processes']} | {r['trials_per_s']} | "
+                     f"{r['ask_p50_ms']} / {r['ask_p99_ms']} | {r['tell_p50_ms']} / {r['tell_p99_ms']} | "
+                     f"{r['trial_p50_ms']} | {r['db_connections_peak']} | {r['overshoot']} | "
+                     f"{r['refused_over_budget']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
