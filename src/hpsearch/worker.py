@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch.config import StudyConfig
 from hpsearch.dashboard import save_study_note
 from hpsearch.data import load_search_data
-from hpsearch.errors import HpsearchError
+from hpsearch.errors import HpsearchError, StorageError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
 from hpsearch.recovery import Sweeper, requeue
@@ -145,6 +145,7 @@ def trial_loop(
     poll_s = min(cfg.storage.heartbeat_interval, 5)
     started = time.monotonic()
     mine = 0
+    outside = 0  # errors in a row before any trial's objective ran (a broken sampler, say)
     waiting = False
     after_last: BudgetState | None = None
     while True:
@@ -179,21 +180,39 @@ def trial_loop(
             continue
         waiting = False
         ended: list[FrozenTrial] = []
+        objective.current = None
         try:
             study.optimize(
                 objective, n_trials=1, catch=(TrialFailed, Interrupted),
                 callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
             )
-        except (TakenOver, ValueError):
-            # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
-            if objective.taken_over is None:
-                raise
-            display.note(
-                f"trial {objective.taken_over} was failed by another worker while it ran here (its "
-                f"heartbeat was late); dropped here, its re-queued copy resumes from its checkpoint"
-            )
-            objective.taken_over = None
+        except StorageError:
+            raise  # gone for longer than reconnect_timeout: the worker's own trouble, it stops
+        except Exception as e:
+            # Optuna refusing to `tell` a trial another worker has failed meanwhile (ValueError,
+            # UpdateFinishedTrialError), or anything else raised around a trial rather than in
+            # it: that trial is settled, and the worker goes on.
+            if objective.taken_over is not None:
+                display.note(
+                    f"trial {objective.taken_over} was failed by another worker while it ran here (its "
+                    f"heartbeat was late); dropped here, its re-queued copy resumes from its checkpoint"
+                )
+                objective.taken_over = None
+                continue
+            if objective.current is None:
+                outside += 1
+                if outside >= MAX_ERRORS_OUTSIDE_TRIALS:
+                    raise HpsearchError(
+                        f"Optuna failed {outside} times in a row before a trial could start, lately "
+                        f"with {_one_line(e)}; this worker stops (run with --debug for the traceback)"
+                    ) from e
+                display.note(f"no trial started: {_one_line(e)}; trying again")
+                continue
+            display.note(settle(study, storage, objective.current, e))
+            outside = 0
+            mine += 1
             continue
+        outside = 0
         mine += 1
         trial = ended[-1]
         if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
@@ -203,6 +222,30 @@ def trial_loop(
         display.trial_done(study, trial, after_last)
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
+
+
+MAX_ERRORS_OUTSIDE_TRIALS = 3
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())[:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def settle(study: optuna.Study, storage: RDBStorage, number: int, e: BaseException) -> str:
+    """After an error Optuna raised around trial `number` (while recording it, say): fail the trial
+    with the reason if it is still RUNNING, so it neither waits for a heartbeat sweep nor counts
+    as running. Returns the line for the display."""
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state.is_finished():
+        return (f"trial {number} was recorded {trial.state.name.lower()}; Optuna then raised "
+                f"{_one_line(e)}; going on")
+    reason = f"failed: {_one_line(e)}"
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    return f"trial {number} {reason}; going on with the next trial"
 
 
 class _OwnFailures(logging.Filter):
