@@ -9,6 +9,8 @@ from conftest import run_cli
 from hpsearch import node
 from hpsearch.errors import HpsearchError
 
+pytestmark = pytest.mark.fast  # the quick unit tier: uv run pytest -m fast
+
 
 def test_cpu_node_divides_the_cores(monkeypatch):
     monkeypatch.setattr(node, "usable_cores", lambda: 16)

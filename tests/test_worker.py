@@ -71,6 +71,7 @@ def test_workers_racing_to_create_a_new_sqlite_file_all_succeed(tmp_path: Path) 
         assert [p.exitcode for p in procs] == [0, 0, 0, 0]
 
 
+@pytest.mark.fast  # in the quick tier too: a few seconds, no training
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_sweep_fails_stale_trials_and_runs_at_most_once_per_interval(tmp_path: Path) -> None:
     cfg = load_config(write_study(tmp_path / "sweep.toml", "sweep", heartbeat_interval=1, grace_period=2))
