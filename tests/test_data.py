@@ -27,8 +27,6 @@ from hpsearch.data import (
 )
 from hpsearch.errors import DataError
 
-pytestmark = pytest.mark.fast  # the quick unit tier: uv run pytest -m fast
-
 
 def _toy(n_per_class=(50, 30, 20), shape=(1, 8, 8), seed=0):
     rng = np.random.default_rng(seed)

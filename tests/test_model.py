@@ -5,8 +5,6 @@ import torch
 
 from hpsearch.model import CNN, ModelSpec, count_parameters, flops_per_sample
 
-pytestmark = pytest.mark.fast  # the quick unit tier: uv run pytest -m fast
-
 
 @pytest.mark.parametrize("channels,hw", [(1, (24, 24)), (3, (28, 28))])
 def test_cnn_outputs_logits_for_any_input_shape(channels, hw) -> None:
