@@ -141,3 +141,30 @@ def test_two_finalize_commands_at_once_read_the_test_split_once(finished_search,
     assert [u["n"] for u in uses] == [1] and "test_accuracy" in uses[0]
     r = run_cli("finalize", "--study", "quick", "--storage", url, "--data-dir", str(mnist_dir), cwd=tmp_path)
     assert r.returncode == 0 and "was not read now" in r.stdout, r.stdout + r.stderr
+
+
+def _split_rounds(url: str, names: list[str], fingerprint: str, barrier, queue) -> None:
+    from hpsearch.errors import StorageError
+    from hpsearch.storage import open_storage
+    from hpsearch.study import check_split
+
+    storage = open_storage(url)
+    out = []
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        barrier.wait(60)
+        try:
+            check_split(study, fingerprint, storage)
+            out.append(fingerprint)
+        except StorageError:
+            out.append("refused")
+    queue.put(out)
+
+
+def test_of_workers_with_different_data_on_a_new_study_exactly_one_split_wins(url: str) -> None:
+    names = _new_studies(url, "split")
+    for r, got in enumerate(_race(_split_rounds, [(url, names, f"split-{i}") for i in range(PROCESSES)])):
+        winners = [g for g in got if g != "refused"]
+        assert len(winners) == 1, got
+        stored = optuna.load_study(study_name=names[r], storage=url).user_attrs["split_fingerprint"]
+        assert stored == winners[0]

@@ -2,7 +2,8 @@
 
 Two things in hpsearch must happen once however many processes try at the same instant:
 - the study's fingerprint is set by the first worker (`study.open_study`): a worker with another
-  study file must be refused, not write its own fingerprint beside the first;
+  study file must be refused, not write its own fingerprint beside the first (and likewise the
+  data split's fingerprint, `study.check_split`);
 - the test split is read once (`finalize`): two `hpsearch finalize` runs must never both read it.
 
 A read-then-write of a study attribute cannot promise either (both read "nothing yet", both
@@ -41,6 +42,7 @@ TABLE = sa.Table(
 )
 
 FINGERPRINT = "fingerprint"
+SPLIT = "split"
 TEST_SPLIT = "test_split"
 
 

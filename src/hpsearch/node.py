@@ -60,7 +60,7 @@ def _preflight(opts: WorkerOptions) -> None:
     # Created once here, with its dashboard note, as a single worker creates it: no race among
     # the children, which join it.
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
-    check_split(study, data.fingerprint)
+    check_split(study, data.fingerprint, storage)
     artifact_store(opts.storage_url, opts.artifacts)
     storage.engine.dispose()
 

@@ -125,17 +125,23 @@ def load_study(name: str, storage: RDBStorage) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def check_split(study: optuna.Study, fingerprint: str) -> None:
-    """Every worker must train on the same split; the first one to arrive records it."""
+def check_split(study: optuna.Study, fingerprint: str, storage: RDBStorage | None = None) -> None:
+    """Every worker must train on the same split; the first one to arrive records it. With the
+    `storage`, "the first" is a claim (claims.py): of workers with different data starting
+    together, exactly one split gets in."""
     key = "split_fingerprint"
     stored = study.user_attrs.get(key)
-    if stored is None:
-        study.set_user_attr(key, fingerprint)
-    elif stored != fingerprint:
+    if stored is None and storage is not None:
+        study_key = claims.StudyKey.of(storage, study.study_name)
+        if not claims.claim(storage, study_key, claims.SPLIT, 1, {"fingerprint": fingerprint}):
+            stored = claims.claims(storage, study_key, claims.SPLIT)[0].data.get("fingerprint")
+    if stored is not None and stored != fingerprint:
         raise StorageError(
             f"this worker's data split (fingerprint {fingerprint}) differs from the study's "
             f"({stored}): point --data-dir at the same files the other workers use"
         )
+    if key not in study.user_attrs:
+        study.set_user_attr(key, fingerprint)
 
 
 @dataclass(frozen=True)

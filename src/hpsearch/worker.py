@@ -113,7 +113,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
 
     storage = open_storage(opts.storage_url, cfg.storage)
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
-    check_split(study, data.fingerprint)
+    check_split(study, data.fingerprint, storage)
     store = artifact_store(opts.storage_url, opts.artifacts)
     display.note(
         f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials; "
