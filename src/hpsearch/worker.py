@@ -243,8 +243,11 @@ def settle(study: optuna.Study, storage: RDBStorage, number: int, e: BaseExcepti
     reason = f"failed: {_one_line(e)}"
     study_id = storage.get_study_id_from_name(study.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-    storage.set_trial_user_attr(trial_id, "stop_reason", reason)
-    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    try:
+        storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker's sweep got there first
+        return f"trial {number} was finished elsewhere after Optuna raised {_one_line(e)}; going on"
     return f"trial {number} {reason}; going on with the next trial"
 
 
