@@ -338,7 +338,8 @@ def test_a_read_without_a_stored_result_still_locks(searched, mnist_dir, tmp_pat
     # The same check guards the moment of reading, for a finalize that started before the other read.
     cfg = load_config(searched.study_file)
     with pytest.raises(finalize.HpsearchError, match="another finalize"):
-        finalize.read_test_split(study, cfg, mnist_dir, torch.device("cpu"), {"trial": 0}, force=False)
+        finalize.read_test_split(study, open_storage(url(d)), cfg, mnist_dir, torch.device("cpu"), {"trial": 0},
+                                 force=False)
     assert finalize.test_split_reads == reads
     assert load(d).user_attrs[finalize.USES_ATTR] == [interrupted]
 

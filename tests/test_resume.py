@@ -15,6 +15,8 @@ from hpsearch.data import DeviceSplit, crop_size, load_search_data
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.train import HParams, Interrupted, Precision, TrainState, fit
 
+pytestmark = pytest.mark.fast  # the quick unit tier: uv run pytest -m fast
+
 HP = HParams(lr=3e-3, weight_decay=1e-5, optimizer="adamw", momentum=0.0,
              conv1_channels=4, conv2_channels=8, dropout=0.2, batch_size=256)
 

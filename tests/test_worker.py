@@ -74,6 +74,7 @@ def test_workers_racing_to_create_a_new_sqlite_file_all_succeed(tmp_path: Path) 
         assert [p.exitcode for p in procs] == [0, 0, 0, 0]
 
 
+@pytest.mark.fast  # in the quick tier too: a few seconds, no training
 def test_a_sweep_fails_stale_trials_and_runs_at_most_once_per_interval(tmp_path: Path) -> None:
     cfg = load_config(write_study(tmp_path / "sweep.toml", "sweep", heartbeat_interval=1, grace_period=2))
     storage = open_storage(f"sqlite:///{tmp_path / 'hpsearch.db'}", cfg.storage)

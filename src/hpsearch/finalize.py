@@ -28,10 +28,11 @@ import optuna
 import torch
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from hpsearch import __version__, export, provenance, report, train
+from hpsearch import __version__, claims, export, provenance, report, train
 from hpsearch.checkpoint import BEST_WEIGHTS, Checkpoint, load_checkpoint
 from hpsearch.config import STUDIES_DIR, StudyConfig, load_config
 from hpsearch.dashboard import append_note_section
@@ -331,27 +332,36 @@ def pick_by_mean(table: list[dict]) -> int | None:
     return min(finite, key=lambda i: table[i]["mean_val_loss"]) if finite else None
 
 
-def read_test_split(study: optuna.Study, cfg: StudyConfig, data_dir: Path, device: torch.device,
-                    use: dict, force: bool) -> TestData:
-    """The only way hpsearch reads the test split: the use is recorded first, then the data loaded.
+def read_test_split(study: optuna.Study, storage: BaseStorage, cfg: StudyConfig, data_dir: Path,
+                    device: torch.device, use: dict, force: bool) -> TestData:
+    """The only way hpsearch reads the test split: the use is claimed first, then the data loaded.
 
-    Recording first means a crash during evaluation still counts as a look at the test split.
-    Without `force`, a use recorded since this run started (another finalize finished its
-    selection first) stops this one: checked here, the moment before reading, not only at start.
+    The claim is one INSERT under a unique key (claims.py), so of two finalize runs at the same
+    instant exactly one reads the split; without `force` a use claimed since this run started
+    (another finalize finished its selection first) stops this one, the moment before reading.
+    Claiming first means a crash during evaluation still counts as a look at the test split.
     """
     global test_split_reads
-    uses = list(study.user_attrs.get(USES_ATTR, []))
-    if uses and not force:
+    key = claims.StudyKey.of(storage, study.study_name)
+    recorded = len(study.user_attrs.get(USES_ATTR, []))  # uses recorded before the claims existed
+    if claims.claim_next(storage, key, claims.TEST_SPLIT, use, again=force, after=recorded) is None:
+        first = (claims.claims(storage, key, claims.TEST_SPLIT) or [None])[-1]
+        when = f" at {first.claimed_at} on {first.data.get('host', '?')}" if first else ""
         raise HpsearchError(
-            f"study {study.study_name!r}: another finalize used the test split at {uses[-1].get('at')} "
-            f"while this one was selecting; see its result with `hpsearch finalize --study "
-            f"{study.study_name}` (add --force to evaluate again, recorded as use #{len(uses) + 1})"
+            f"study {study.study_name!r}: another finalize claimed the test split first{when}; this run "
+            f"did not read it. Its result: `hpsearch finalize --study {study.study_name}` once it has finished"
         )
-    use["n"] = len(uses) + 1  # numbered by the record itself, re-read just now
-    uses.append(use)
-    study.set_user_attr(USES_ATTR, uses)
+    study.set_user_attr(USES_ATTR, recorded_uses(study, storage, key))
     test_split_reads += 1
     return load_test_data(cfg.data, data_dir, device)
+
+
+def recorded_uses(study: optuna.Study, storage: BaseStorage, key: claims.StudyKey) -> list[dict]:
+    """Every use of the test split: the claims, plus any recorded only in the study attribute
+    (studies finalized before the claims existed). The study attribute is rewritten from this."""
+    uses = {u.get("n"): u for u in study.user_attrs.get(USES_ATTR, [])}
+    uses.update({c.number: c.data for c in claims.claims(storage, key, claims.TEST_SPLIT)})
+    return [uses[n] for n in sorted(uses, key=lambda n: (n is None, n or 0))]
 
 
 def test_metrics(model: CNN, test: DeviceSplit, normalizer: Normalizer, crop: tuple[int, int],
@@ -394,7 +404,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     out_dir = Path(opts.out) / safe_name(study.study_name)
 
     stored = study.user_attrs.get(RESULT_ATTR)
-    uses = study.user_attrs.get(USES_ATTR, [])
+    uses = recorded_uses(study, storage, claims.StudyKey.of(storage, study.study_name))
     if uses and stored is None and not opts.force:
         # The split was read but the run stopped before storing a result: looking again is a second use.
         raise HpsearchError(
@@ -463,7 +473,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
     data_warnings = list(search.class_counts.warnings)
     del search  # the train/validation tensors are done with; free them before the test split
 
-    uses_before = study.user_attrs.get(USES_ATTR, [])
+    uses_before = recorded_uses(study, storage, claims.StudyKey.of(storage, study.study_name))
     use = {
         "n": len(uses_before) + 1,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -474,10 +484,10 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
         "code_version": code_version(),
         "command": opts.command,
     }
-    if uses_before:
+    if uses_before and opts.force:
         say(f"--force: the test split has been used {len(uses_before)} time(s) already; this use "
             f"(#{use['n']}) is recorded")
-    test = read_test_split(study, cfg, data_dir, device, use, force=opts.force)
+    test = read_test_split(study, storage, cfg, data_dir, device, use, force=opts.force)
     metrics = test_metrics(model, test.test, winner.normalizer, winner.crop, precision,
                            cfg.training.eval_batch_size, test.classes)
     metrics["fingerprint"] = test.fingerprint
@@ -519,10 +529,11 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
         "forced": bool(opts.force),
     }
     study.set_user_attr(RESULT_ATTR, result)
-    uses = list(study.user_attrs.get(USES_ATTR, []))
-    for u in uses:  # add the figures to this use's entry, so every use keeps its own result
-        if u.get("n") == use["n"] and u.get("at") == use["at"]:
-            u.update(test_accuracy=metrics["accuracy"], test_loss=metrics["loss"])
+    # The figures go with this use's claim, so every use keeps its own result.
+    use.update(test_accuracy=metrics["accuracy"], test_loss=metrics["loss"])
+    key = claims.StudyKey.of(storage, study.study_name)
+    claims.update(storage, key, claims.TEST_SPLIT, use["n"], use)
+    uses = recorded_uses(study, storage, key)
     study.set_user_attr(USES_ATTR, uses)
 
     say(f"test: accuracy {metrics['accuracy']:.2%}, loss {metrics['loss']:.4f} on {metrics['images']:,} "

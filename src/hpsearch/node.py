@@ -21,6 +21,7 @@ from types import FrameType
 
 import torch
 
+from hpsearch.dashboard import save_study_note
 from hpsearch.data import load_search_data
 from hpsearch.errors import HpsearchError
 from hpsearch.signals import SIGNALS
@@ -56,8 +57,10 @@ def _preflight(opts: WorkerOptions) -> None:
     cfg = opts.cfg
     data = load_search_data(cfg.data, resolve_data_dir(opts.data_dir, cfg), torch.device("cpu"))
     storage = open_storage(opts.storage_url, cfg.storage)
-    study = open_study(cfg, storage, opts.worker_index)  # created once here: no race among children
-    check_split(study, data.fingerprint)
+    # Created once here, with its dashboard note, as a single worker creates it: no race among
+    # the children, which join it.
+    study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: save_study_note(s, cfg, data))
+    check_split(study, data.fingerprint, storage)
     artifact_store(opts.storage_url, opts.artifacts)
     storage.close()
 

@@ -12,6 +12,7 @@ import os
 import pickle
 import secrets
 import socket
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ from hpsearch.config import (
     StudyConfig,
 )
 from hpsearch.data import SearchData, crop_size
+from hpsearch.errors import StorageError
+from hpsearch.memory import check_fits
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.provenance import code_version, library_versions
 from hpsearch.recovery import retry_source, trial_id
@@ -49,7 +52,28 @@ CURVE_ATTR = "curve"  # trial user attribute: [epoch, train loss, train acc, val
 
 
 class TrialFailed(Exception):
-    """A trial that cannot run (out of memory): failed with its reason, and the worker goes on."""
+    """A trial that failed for a reason of its own (out of memory, too big to fit, any error in its
+    training): failed with the reason in `stop_reason`, and the worker goes on."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's `OutOfMemoryError`, and the CPU allocator's, which is a plain `RuntimeError`
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "DefaultCPUAllocator" in text or "out of memory" in text
+    )
+
+
+def failure_reason(e: BaseException, device: torch.device, batch_size: int | None) -> str:
+    """One line for `stop_reason`: what went wrong, in the words of the error itself."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if is_out_of_memory(e):
+        batch = f" (batch_size={batch_size})" if batch_size is not None else ""
+        return f"out of memory on {device}{batch}: {first}"
+    return f"failed: {type(e).__name__}: {first}" if first else f"failed: {type(e).__name__}"
 
 
 class TakenOver(Exception):
@@ -128,6 +152,8 @@ class Objective:
         self.precision = Precision.choose(device, cfg.training.channels_last, cfg.training.bf16)
         self.taken_over: int | None = None  # number of the last trial lost to another worker
         self.interrupted: int | None = None  # number of the last trial stopped by a signal
+        self.current: int | None = None  # number of the trial this objective ran last
+        self._batch_size: int | None = None
 
     def _resume_point(self, trial: optuna.Trial, hp: HParams) -> ResumePoint | None:
         """The checkpoint a re-queued trial continues from, if its predecessor left one."""
@@ -153,6 +179,7 @@ class Objective:
         return point
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current, self._batch_size = trial.number, None
         try:
             return self._run(trial)
         except Interrupted:
@@ -161,10 +188,24 @@ class Objective:
         except optuna.exceptions.UpdateFinishedTrialError:
             self.taken_over = trial.number
             raise TakenOver(f"trial {trial.number} was failed by another worker while running here") from None
+        except (optuna.TrialPruned, TrialFailed, StorageError):
+            raise  # a storage gone for longer than reconnect_timeout stops the worker, not the trial
+        except Exception as e:
+            # Anything else is this trial's own problem: it fails alone, with the reason stored
+            # where the dashboard and `status` show it, and the worker takes the next trial.
+            # Only text is kept: the traceback's frames hold the trial's tensors.
+            reason = failure_reason(e, self.device, self._batch_size)
+            details = "".join(traceback.format_exception(e, limit=-8))[-4000:]
+            oom = is_out_of_memory(e)
+        if oom and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        set_user_attrs(trial, {"stop_reason": reason, "error": details})
+        raise TrialFailed(reason)
 
     def _run(self, trial: optuna.Trial) -> float:
         cfg, data, t = self.cfg, self.data, self.cfg.training
         hp = suggest_hparams(trial, cfg.search)
+        self._batch_size = hp.batch_size
         resume = self._resume_point(trial, hp)
         if resume is not None:
             seed = resume.seed
@@ -200,6 +241,12 @@ class Objective:
             conv2_channels=hp.conv2_channels,
             dropout=hp.dropout,
         )
+        # Before the first allocation: a network that cannot fit fails here, with the estimate,
+        # instead of taking the worker down with it (memory.py).
+        too_big = check_fits(spec, hp.batch_size, t.eval_batch_size, hp.optimizer, hp.momentum, self.device)
+        if too_big is not None:
+            trial.set_user_attr("stop_reason", too_big)
+            raise TrialFailed(too_big)
         torch.manual_seed(seed)  # the initial weights (replaced by the checkpoint's on resume)
         model = CNN(spec).to(self.device)
         if self.precision.channels_last:
@@ -242,6 +289,7 @@ class Objective:
                 eval_batch_size=t.eval_batch_size, precision=self.precision, seed=seed,
                 on_epoch=report, start=resume.state if resume else None,
                 on_checkpoint=checkpoints.save, should_stop=self.should_stop,
+                num_classes=data.num_classes,
             )
         except Interrupted as e:
             # The checkpoint stays: the worker re-queues the trial and the copy resumes from it.
@@ -257,14 +305,14 @@ class Objective:
             checkpoints.discard()
             trial.set_user_attr("stop_reason", f"diverged: {e}")
             raise optuna.TrialPruned(f"diverged: {e}") from None
-        except torch.OutOfMemoryError as e:
+        except (optuna.exceptions.UpdateFinishedTrialError, StorageError):
+            raise  # the trial lives on elsewhere (taken over, or re-queued later): keep its checkpoint
+        except Exception:
+            # Failed for good (out of memory, or any error; `__call__` records why): nothing will
+            # resume from the epoch checkpoint. The weights go before the reason is written.
             del model
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
             checkpoints.discard()
-            reason = f"out of memory on {self.device} (batch_size={hp.batch_size}): {str(e).splitlines()[0]}"
-            trial.set_user_attr("stop_reason", reason)
-            raise TrialFailed(reason) from None
+            raise
 
         finished(result.epochs, result.epochs_trained, result.samples_per_s, result.stop_reason,
                  val_accuracy=result.best_val_accuracy, best_epoch=result.best_epoch)

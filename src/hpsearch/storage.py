@@ -526,4 +526,8 @@ def _enable_wal(db: Path) -> None:
 
 
 def study_names(storage: BaseStorage) -> list[str]:
-    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    """The studies in the storage, without hpsearch's claim markers (claims.py)."""
+    from hpsearch.claims import is_marker
+
+    return sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                  if not is_marker(s.study_name))

@@ -14,7 +14,7 @@ import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch import __version__
+from hpsearch import __version__, claims
 from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
 from hpsearch.errors import StorageError
 from hpsearch.recovery import OVER_BUDGET
@@ -76,30 +76,45 @@ def open_study(
         direction="minimize",
         load_if_exists=True,
     )
+    fingerprint = cfg.fingerprint()
     meta = study.user_attrs.get(ATTR)
     if meta is None:
+        # Workers with different study files may start together on a new study: the claim lets
+        # exactly one fingerprint in (claims.py); everyone else compares against that one.
+        key = claims.StudyKey.of(storage, study.study_name)
+        won = claims.claim(storage, key, claims.FINGERPRINT, 1,
+                           {"fingerprint": fingerprint, "source": cfg.source})
+        if not won:
+            first = claims.claims(storage, key, claims.FINGERPRINT)[0].data
+            _refuse_other_file(cfg, first.get("fingerprint"), first.get("source"))
         meta = {
-            "fingerprint": cfg.fingerprint(),
+            "fingerprint": fingerprint,
             "config": cfg.model_dump(mode="json"),
             "source": cfg.source,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "created_by": socket.gethostname(),
             "version": __version__,
         }
-        # Two workers racing here write the same fingerprint; either creation time is right.
+        # A loser with the same file writes the same record (the winner may not have yet); only
+        # the winner writes the dashboard note.
         study.set_user_attr(ATTR, meta)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([OBJECTIVE_NAME])
-        if on_create is not None:
+        if won and on_create is not None:
             on_create(study)
-    elif meta.get("fingerprint") != cfg.fingerprint():
+    else:
+        _refuse_other_file(cfg, meta.get("fingerprint"), meta.get("source"))
+    return study
+
+
+def _refuse_other_file(cfg: StudyConfig, fingerprint: str | None, source: str | None) -> None:
+    if fingerprint != cfg.fingerprint():
         raise StorageError(
             f"study {cfg.study.name!r} in this storage was made from a different study file "
-            f"(fingerprint {meta.get('fingerprint')} from {meta.get('source')!r}, this file gives "
+            f"(fingerprint {fingerprint} from {source!r}, this file gives "
             f"{cfg.fingerprint()}); give the study a new [study] name, or use another --storage"
         )
-    return study
 
 
 def load_study(name: str, storage: BaseStorage) -> optuna.Study:
@@ -111,17 +126,23 @@ def load_study(name: str, storage: BaseStorage) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def check_split(study: optuna.Study, fingerprint: str) -> None:
-    """Every worker must train on the same split; the first one to arrive records it."""
+def check_split(study: optuna.Study, fingerprint: str, storage: BaseStorage | None = None) -> None:
+    """Every worker must train on the same split; the first one to arrive records it. With the
+    `storage`, "the first" is a claim (claims.py): of workers with different data starting
+    together, exactly one split gets in."""
     key = "split_fingerprint"
     stored = study.user_attrs.get(key)
-    if stored is None:
-        study.set_user_attr(key, fingerprint)
-    elif stored != fingerprint:
+    if stored is None and storage is not None:
+        study_key = claims.StudyKey.of(storage, study.study_name)
+        if not claims.claim(storage, study_key, claims.SPLIT, 1, {"fingerprint": fingerprint}):
+            stored = claims.claims(storage, study_key, claims.SPLIT)[0].data.get("fingerprint")
+    if stored is not None and stored != fingerprint:
         raise StorageError(
             f"this worker's data split (fingerprint {fingerprint}) differs from the study's "
             f"({stored}): point --data-dir at the same files the other workers use"
         )
+    if key not in study.user_attrs:
+        study.set_user_attr(key, fingerprint)
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,28 @@ def build_optimizer(hp: HParams, params) -> torch.optim.Optimizer:
 
 
 class Diverged(Exception):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite, or far worse than knowing nothing (`divergence`)."""
+
+
+# "Far": ten times. A uniform guess over K classes has cross-entropy ln K (2.30 for 10 classes);
+# a validation loss ten times that is a model confidently wrong on most images, which no
+# learning run passes through. A run that learned and then blew up is caught by its own first
+# epoch: ten times that loss, once it is above ln K (worse than a uniform guess).
+DIVERGENCE_FACTOR = 10.0
+
+
+def divergence(loss: float, epoch: int, first_loss: float | None, num_classes: int) -> str | None:
+    """Why a validation loss means the run diverged, or None when it does not."""
+    chance = math.log(num_classes) if num_classes > 1 else 1.0
+    if not math.isfinite(loss):
+        return f"validation loss is {loss} at epoch {epoch}"
+    if loss > DIVERGENCE_FACTOR * chance:
+        return (f"validation loss {loss:.4g} at epoch {epoch} is more than {DIVERGENCE_FACTOR:g}x that "
+                f"of a uniform guess over {num_classes} classes (ln {num_classes} = {chance:.3g})")
+    if first_loss is not None and epoch > 1 and loss > chance and loss > DIVERGENCE_FACTOR * first_loss:
+        return (f"validation loss {loss:.4g} at epoch {epoch} is more than {DIVERGENCE_FACTOR:g}x the "
+                f"first epoch's ({first_loss:.4g}) and worse than a uniform guess")
+    return None
 
 
 class Interrupted(Exception):
@@ -275,11 +296,14 @@ def fit(
     start: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    num_classes: int | None = None,
 ) -> FitResult:
     """Train with ReduceLROnPlateau and early stopping on the validation loss.
 
     `on_epoch` runs after every epoch; the objective reports to Optuna there and may raise
-    `optuna.TrialPruned`. Raises `Diverged` on a non-finite loss.
+    `optuna.TrialPruned`. Raises `Diverged` on a non-finite loss, or a validation loss far above
+    a uniform guess's or the first epoch's (`divergence`; `num_classes` defaults to the largest
+    validation label + 1).
 
     `on_checkpoint` gets a `TrainState` after every epoch that is not the last one (after
     `on_epoch`, so a pruned epoch is not saved); `start` continues from such a state instead of
@@ -315,6 +339,8 @@ def fit(
         first = start.epoch + 1
     stop_reason = f"reached max_epochs={max_epochs}"
     trained = 0
+    if num_classes is None:
+        num_classes = int(val.labels.max()) + 1 if len(val) else 2
     for epoch in range(first, max_epochs + 1):
         if should_stop():
             raise Interrupted(f"stopped on request before epoch {epoch}")
@@ -324,8 +350,9 @@ def fit(
             raise Diverged(f"training loss is {stats.loss} at epoch {epoch} (lr={hp.lr:.3g})")
         samples, seconds, trained = samples + stats.samples, seconds + stats.seconds, trained + 1
         ev = evaluate(model, val, normalizer, eval_batch_size, crop, precision)
-        if not math.isfinite(ev.loss):
-            raise Diverged(f"validation loss is {ev.loss} at epoch {epoch} (lr={hp.lr:.3g})")
+        why = divergence(ev.loss, epoch, history[0][1] if history else None, num_classes)
+        if why is not None:
+            raise Diverged(f"{why} (lr={hp.lr:.3g})")
         scheduler.step(ev.loss)
         history.append((epoch, ev.loss, ev.accuracy))
         if ev.loss < best_loss:

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch.config import StudyConfig
 from hpsearch.dashboard import save_study_note
 from hpsearch.data import SearchData, crop_size, load_search_data
-from hpsearch.errors import HpsearchError
+from hpsearch.errors import HpsearchError, StorageError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
 from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
@@ -123,7 +123,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
 
     storage = open_storage(opts.storage_url, cfg.storage, stop=stop)
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: _on_create(s, cfg, data))
-    check_split(study, data.fingerprint)
+    check_split(study, data.fingerprint, storage)
     store = artifact_store(opts.storage_url, opts.artifacts)
     display.note(
         f"study {study.study_name!r} on {redact(opts.storage_url)}; budget {cfg.budget.n_trials} trials; "
@@ -165,6 +165,7 @@ def trial_loop(
     poll_s = min(cfg.storage.heartbeat_interval, 5)
     started = time.monotonic()
     mine = 0
+    outside = 0  # errors in a row before any trial's objective ran (a broken sampler, say)
     waiting = False
     looked_done = False
     after_last: BudgetState | None = None
@@ -207,21 +208,40 @@ def trial_loop(
                 continue
             waiting = looked_done = False
             ended: list[FrozenTrial] = []
+            objective.current = None
             try:
                 study.optimize(
                     slot, n_trials=1, catch=(TrialFailed, Interrupted, OverBudget),
                     callbacks=[lambda s, t: ended.append(t)], gc_after_trial=False,
                 )
-            except (TakenOver, ValueError):
-                # ValueError is Optuna refusing to `tell` a trial that is no longer RUNNING.
-                if objective.taken_over is None:
+            except Exception as e:
+                # Optuna refusing to `tell` a trial another worker has failed meanwhile (ValueError,
+                # UpdateFinishedTrialError), or anything else raised around a trial rather than in
+                # it: that trial is settled, and the worker goes on. The storage gone for longer
+                # than reconnect_timeout, or a stop while waiting for it, is the worker's own.
+                if isinstance(e, StorageError) or _stopped_waiting(e):
                     raise
-                display.note(
-                    f"trial {objective.taken_over} was failed by another worker while it ran here (its "
-                    f"lease was late); dropped here, its re-queued copy resumes from its checkpoint"
-                )
-                objective.taken_over = None
+                if objective.taken_over is not None:
+                    display.note(
+                        f"trial {objective.taken_over} was failed by another worker while it ran here (its "
+                        f"lease was late); dropped here, its re-queued copy resumes from its checkpoint"
+                    )
+                    objective.taken_over = None
+                    continue
+                if objective.current is None:
+                    outside += 1
+                    if outside >= MAX_ERRORS_OUTSIDE_TRIALS:
+                        raise HpsearchError(
+                            f"Optuna failed {outside} times in a row before a trial could start, lately "
+                            f"with {_one_line(e)}; this worker stops (run with --debug for the traceback)"
+                        ) from e
+                    display.note(f"no trial started: {_one_line(e)}; trying again")
+                    continue
+                display.note(settle(study, storage, objective.current, e))
+                outside = 0
+                mine += 1
                 continue
+            outside = 0
             trial = ended[-1]
             if OVER_BUDGET in trial.system_attrs:
                 continue  # another worker took the last slot first: this trial never ran
@@ -281,6 +301,33 @@ class _Slot:
             return self.objective(trial)
         finally:
             lease.stop()
+
+
+MAX_ERRORS_OUTSIDE_TRIALS = 3
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())[:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def settle(study: optuna.Study, storage: RetryingStorage, number: int, e: BaseException) -> str:
+    """After an error Optuna raised around trial `number` (while recording it, say): fail the trial
+    with the reason if it is still RUNNING, so it neither waits for a heartbeat sweep nor counts
+    as running. Returns the line for the display."""
+    trial = study.get_trials(deepcopy=False)[number]
+    if trial.state.is_finished():
+        return (f"trial {number} was recorded {trial.state.name.lower()}; Optuna then raised "
+                f"{_one_line(e)}; going on")
+    reason = f"failed: {_one_line(e)}"
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    try:
+        storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker's sweep got there first
+        return f"trial {number} was finished elsewhere after Optuna raised {_one_line(e)}; going on"
+    return f"trial {number} {reason}; going on with the next trial"
 
 
 class _OwnFailures(logging.Filter):
