@@ -332,3 +332,13 @@ def test_unused_momentum_is_flagged_only_when_searched():
     assert [u["param"] for u in report.unused_params(adam, {"lr", "momentum"})] == ["momentum"]
     assert report.unused_params(adam, {"lr"}) == []  # a fixed momentum: nothing to read into it
     assert report.unused_params({"optimizer": "sgd", "momentum": 0.9}, {"momentum"}) == []
+
+
+@pytest.mark.fast
+def test_html_escapes_what_the_study_brings():
+    # Names, descriptions and commands come from users: none of it may become markup in the page.
+    html = report.render_html("# study `<b>x</b>`\n\nrun <script>alert(1)</script> & go\n", [], "<script>t</script>")
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; go" in html
+    assert "<title>&lt;script&gt;t&lt;/script&gt;</title>" in html
+    assert "<code>&lt;b&gt;x&lt;/b&gt;</code>" in html

@@ -46,6 +46,7 @@ def flaky(fail: dict, timeout: float = 30, stop=None) -> tuple[RetryingStorage, 
 # --- retries, on a storage that fails on purpose --------------------------------------------------
 
 
+@pytest.mark.fast
 def test_a_tell_whose_commit_landed_before_the_connection_broke_is_done():
     storage, inner = flaky({})
     study = optuna.create_study(storage=storage)
@@ -57,6 +58,7 @@ def test_a_tell_whose_commit_landed_before_the_connection_broke_is_done():
     assert t.state == TrialState.COMPLETE and t.value == 0.25
 
 
+@pytest.mark.fast
 def test_a_study_created_before_the_connection_broke_is_found_on_the_retry():
     storage, inner = flaky({"create_new_study": ("after", 1)})
     study = optuna.create_study(storage=storage, study_name="s")
@@ -64,6 +66,7 @@ def test_a_study_created_before_the_connection_broke_is_found_on_the_retry():
     assert study.study_name == "s" and inner.calls["create_new_study"] == 2
 
 
+@pytest.mark.fast
 def test_a_write_that_did_not_land_is_retried_until_it_does():
     storage, inner = flaky({"set_trial_user_attr": ("before", 2)})
     study = optuna.create_study(storage=storage)
@@ -73,6 +76,7 @@ def test_a_write_that_did_not_land_is_retried_until_it_does():
     assert study.get_trials()[0].user_attrs == {"k": 1}
 
 
+@pytest.mark.fast
 def test_a_state_someone_else_wrote_is_not_taken_for_ours():
     storage, inner = flaky({})
     study = optuna.create_study(storage=storage)
@@ -84,6 +88,7 @@ def test_a_state_someone_else_wrote_is_not_taken_for_ours():
         storage.set_trial_state_values(tid, TrialState.COMPLETE, [1.0])
 
 
+@pytest.mark.fast
 def test_errors_that_waiting_cannot_fix_are_not_retried():
     storage, inner = flaky({})
     with pytest.raises(KeyError):
@@ -91,6 +96,7 @@ def test_errors_that_waiting_cannot_fix_are_not_retried():
     assert inner.calls["get_study_id_from_name"] == 1
 
 
+@pytest.mark.fast
 def test_a_stop_request_ends_the_wait_at_once():
     stop = StopRequest()
     storage, inner = flaky({"get_all_studies": ("before", 1000)}, timeout=600, stop=stop)
@@ -100,6 +106,7 @@ def test_a_stop_request_ends_the_wait_at_once():
     assert inner.calls["get_all_studies"] == 1
 
 
+@pytest.mark.fast
 def test_a_stop_request_during_a_long_back_off_wakes_it(monkeypatch):
     monkeypatch.setattr(storage_mod, "FIRST_DELAY_S", 300.0)
     stop = StopRequest()
@@ -112,6 +119,7 @@ def test_a_stop_request_during_a_long_back_off_wakes_it(monkeypatch):
     assert inner.calls["get_all_studies"] == 1
 
 
+@pytest.mark.fast
 def test_giving_up_is_one_error_without_the_password(caplog):
     storage, inner = flaky({"get_all_studies": ("before", 1000)}, timeout=0.1)
     with caplog.at_level("WARNING", logger="hpsearch"), pytest.raises(StorageError) as e:
@@ -123,6 +131,7 @@ def test_giving_up_is_one_error_without_the_password(caplog):
     assert inner.calls["get_all_studies"] >= 2
 
 
+@pytest.mark.fast
 def test_no_private_optuna_name_in_src():
     """Optuna documents underscored names as not for users: none may appear in hpsearch."""
     import re

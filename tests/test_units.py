@@ -10,9 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import optuna
-import psycopg2
 import pytest
-import sqlalchemy
 import torch
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -20,13 +18,12 @@ from optuna.trial import TrialState, create_trial
 from conftest import write_study
 from hpsearch.checkpoint import EPOCH_CHECKPOINT
 from hpsearch.checkpoint import _write as write_payload
-from hpsearch.config import StorageConfig, load_config
+from hpsearch.config import load_config
 from hpsearch.data import DeviceSplit, load_search_data
-from hpsearch.errors import StorageError
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.objective import Objective
 from hpsearch.recovery import requeue
-from hpsearch.storage import _connection_trouble, artifact_store, open_storage
+from hpsearch.storage import artifact_store, open_storage
 from hpsearch.study import ATTR, budget_state, open_study, study_deadline
 from hpsearch.train import HParams, Precision, TrainState, fit
 
@@ -78,46 +75,6 @@ def test_the_deadline_counts_from_the_studys_creation(study_and_storage):
                "created_at": (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat(timespec="seconds")}
     study.set_user_attr(ATTR, earlier)
     assert study_deadline(study, 30) < time.time()  # a worker joining late starts nothing
-
-
-def _refused() -> None:
-    psycopg2.connect(host="127.0.0.1", port=1, dbname="x", connect_timeout=2)  # nothing listens on port 1
-
-
-def test_connection_trouble_is_retried_until_it_clears_and_other_errors_are_not(study_and_storage):
-    _, _, storage, _ = study_and_storage
-    with pytest.raises(psycopg2.OperationalError) as refused:
-        _refused()
-    assert _connection_trouble(refused.value)
-    engine = sqlalchemy.create_engine("sqlite://")
-    with engine.begin() as con:
-        con.execute(sqlalchemy.text("CREATE TABLE t (k INTEGER PRIMARY KEY)"))
-        con.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
-    with pytest.raises(sqlalchemy.exc.IntegrityError) as duplicate, engine.begin() as con:
-        con.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
-    assert not _connection_trouble(duplicate.value)  # waiting would not fix it
-
-    calls = []
-
-    def flaky(_storage):  # the database is away for the first two calls
-        calls.append(time.monotonic())
-        if len(calls) <= 2:
-            _refused()
-        return "done"
-
-    assert storage._call_with_retry("flaky", flaky) == "done" and len(calls) == 3
-    assert calls[2] - calls[0] >= 0.5 + 1.0 - 0.05  # back-off: 0.5 s, then 1 s
-
-    with pytest.raises(ValueError):  # not connection trouble: raised at once
-        storage._call_with_retry("bad", lambda _s: int("x"))
-
-
-def test_a_storage_away_longer_than_reconnect_timeout_stops_with_one_line(tmp_path: Path):
-    storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}", StorageConfig(reconnect_timeout=1))
-    started = time.monotonic()
-    with pytest.raises(StorageError, match="reconnect_timeout = 1 s") as e:
-        storage._call_with_retry("away", lambda _s: _refused())
-    assert time.monotonic() - started < 10 and "\n" not in str(e.value)
 
 
 # --- resume fall-backs: a re-queued trial whose checkpoint cannot be used starts from epoch 1 ----
