@@ -19,7 +19,23 @@ from hpsearch.errors import HpsearchError, StorageError
 # (version 3), which hpsearch does not install: the URL most people type means psycopg2 here.
 PG_DRIVER = "psycopg2"
 _PG_ALIASES = ("postgresql://", "postgres://")
-_EXAMPLES = "sqlite:///path/to/file.db or postgresql://user:password@host:5432/dbname"
+_EXAMPLES = ("sqlite:///path/to/file.db, postgresql://user:password@host:5432/dbname or "
+             "grpc://host:13000 (an `hpsearch proxy`)")
+
+
+def _proxy_url(url: str) -> str:
+    """grpc://HOST:PORT, an `hpsearch proxy`: a host, a numeric port, nothing else."""
+    from hpsearch.storage import redact
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        ok = bool(parsed.host) and parsed.port is not None and not parsed.database and not parsed.username
+    except Exception:
+        ok = False
+    if not ok:
+        raise StorageError(f"storage URL {redact(url)!r}: a proxy is grpc://HOST:PORT (no user, no path), "
+                           f"for example grpc://localhost:13000")
+    return url
 
 
 def storage_url(url: str) -> str:
@@ -31,6 +47,8 @@ def storage_url(url: str) -> str:
     from hpsearch.storage import redact
 
     given = url
+    if url.startswith("grpc://"):
+        return _proxy_url(url)
     for alias in _PG_ALIASES:
         if url.startswith(alias):
             url = f"postgresql+{PG_DRIVER}://" + url.removeprefix(alias)

@@ -346,7 +346,10 @@ class StudyConfig(_Frozen):
                 f"pruner.min_resource={p.min_resource} exceeds training.max_epochs={epochs}: hyperband "
                 f"would never prune (lower min_resource or raise max_epochs)"
             )
-        if p.type == "median" and epochs > 1 and p.n_warmup_steps >= epochs:
+        # Only a warm-up the file sets: the default (2 epochs) on a 2-epoch study is no mistake of
+        # the user's, it just leaves such short trials unpruned.
+        if (p.type == "median" and epochs > 1 and p.n_warmup_steps >= epochs
+                and "n_warmup_steps" in p.model_fields_set):
             raise ValueError(
                 f"pruner.n_warmup_steps={p.n_warmup_steps} must be below training.max_epochs={epochs}, "
                 f"or the median pruner never prunes (lower n_warmup_steps, or type = \"none\")"
