@@ -336,7 +336,7 @@ def read_test_split(study: optuna.Study, storage: BaseStorage, cfg: StudyConfig,
                     device: torch.device, use: dict, force: bool) -> TestData:
     """The only way hpsearch reads the test split: the use is claimed first, then the data loaded.
 
-    The claim is one INSERT under a unique key (claims.py), so of two finalize runs at the same
+    The claim is one atomic create in the storage (claims.py), so of two finalize runs at the same
     instant exactly one reads the split; without `force` a use claimed since this run started
     (another finalize finished its selection first) stops this one, the moment before reading.
     Claiming first means a crash during evaluation still counts as a look at the test split.
