@@ -31,6 +31,7 @@ STORAGE_KINDS = ["sqlite", "postgresql", "grpc"]
 
 
 def _admin():
+    """A connection to the `postgres` database as this OS user, else as `postgres`."""
     errors = []
     for user in dict.fromkeys([getpass.getuser(), "postgres"]):
         try:

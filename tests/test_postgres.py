@@ -9,7 +9,6 @@ wrong URL is one line with the password hidden; the compose file names its servi
 
 from __future__ import annotations
 
-import getpass
 import os
 import secrets
 import signal
@@ -18,18 +17,17 @@ import time
 from pathlib import Path
 
 import optuna
-import psycopg2
 import pytest
 import yaml
 from optuna.trial import TrialState
 
 from conftest import REPO, hpsearch_cmd, run_cli
 from hpsearch.recovery import OVER_BUDGET, requeue
+from storages import HOST, PORT, _admin
 from storages import Proxy
 
 pytestmark = pytest.mark.postgres
 
-HOST, PORT = "127.0.0.1", 5432
 
 # Tiny CNNs and no pruner: every trial runs max_epochs, so "epochs trained" is exact.
 STUDY = """\
@@ -67,19 +65,6 @@ heartbeat_interval = {heartbeat_interval}
 grace_period = {grace_period}
 reconnect_timeout = 120
 """
-
-
-def _admin():
-    """A connection to the `postgres` database as this OS user, else as `postgres`."""
-    errors = []
-    for user in dict.fromkeys([getpass.getuser(), "postgres"]):
-        try:
-            con = psycopg2.connect(host=HOST, port=PORT, dbname="postgres", user=user, connect_timeout=5)
-            con.autocommit = True
-            return con, user
-        except psycopg2.OperationalError as e:
-            errors.append(f"{user}: {str(e).strip().splitlines()[0]}")
-    pytest.fail(f"PostgreSQL on {HOST}:{PORT} is needed for these tests ({'; '.join(errors)})")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import __version__, plots
 from hpsearch.config import BatchChoice, FloatRange, IntRange, OptimizerChoice, StudyConfig
 from hpsearch.objective import CURVE_ATTR, trial_seed
+from hpsearch.status import duration as _duration
 from hpsearch.storage import redact
 from hpsearch.study import ATTR, OBJECTIVE_NAME, budget_state
 
@@ -379,15 +380,6 @@ def _num(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
-
-
-def _duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = round(s)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h} h {m} min" if h else f"{m} min {sec} s" if m else f"{sec} s"
 
 
 def _cell(x: Any) -> str:

@@ -99,7 +99,8 @@ def summarize_study(study: optuna.Study, budget: int | None = None, top: int = 5
     }
 
 
-def _duration(s: float | None) -> str:
+def duration(s: float | None) -> str:
+    """Seconds as a person reads them: `1 h 5 min`, `3 min 20 s`, `42 s` (the report uses it too)."""
     if s is None:
         return "-"
     s = round(s)
@@ -120,8 +121,8 @@ def print_study(s: dict, console: Console) -> None:
     rate = f"{s['trials_per_minute']:.2f} trials/min" if s["trials_per_minute"] else "-"
     eta = ""
     if s["eta_s"] is not None:
-        eta = "; budget reached" if b["left"] == 0 else f"; {b['left']} to go, about {_duration(s['eta_s'])} at that rate"
-    console.print(f"wall time: {_duration(s['wall_time_s'])} ({s['first_start'] or '-'} to "
+        eta = "; budget reached" if b["left"] == 0 else f"; {b['left']} to go, about {duration(s['eta_s'])} at that rate"
+    console.print(f"wall time: {duration(s['wall_time_s'])} ({s['first_start'] or '-'} to "
                   f"{'now, running' if s['running'] else s['last_end'] or '-'}); {rate}{eta}")
     for kind in ("failed", "pruned"):
         reasons = s[f"{kind}_reasons"]
