@@ -74,15 +74,20 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("what,edit,field,words", BAD, ids=[b[0] for b in BAD])
-def test_bad_file_is_rejected_with_a_useful_message(tmp_path: Path, what, edit, field, words) -> None:
+def rejection(tmp_path: Path, edit: tuple[str, str]) -> tuple[Path, str]:
+    """The good study file with one edit, and the ConfigError message it must raise."""
     old, new = edit
     assert old in GOOD
     p = tmp_path / "bad.toml"
     p.write_text(GOOD.replace(old, new, 1))
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    msg = str(e.value)
+    return p, str(e.value)
+
+
+@pytest.mark.parametrize("what,edit,field,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_file_is_rejected_with_a_useful_message(tmp_path: Path, what, edit, field, words) -> None:
+    p, msg = rejection(tmp_path, edit)
     assert str(p) in msg and field in msg and words in msg, msg
 
 
@@ -178,13 +183,7 @@ OUT_OF_BOUNDS = [
 @pytest.mark.parametrize("what,edit,field,words", OUT_OF_BOUNDS, ids=[b[0] for b in OUT_OF_BOUNDS])
 def test_non_finite_and_out_of_bounds_values_are_rejected_with_the_reason(tmp_path: Path, what, edit, field,
                                                                          words) -> None:
-    old, new = edit
-    assert old in GOOD
-    p = tmp_path / "bad.toml"
-    p.write_text(GOOD.replace(old, new, 1))
-    with pytest.raises(ConfigError) as e:
-        load_config(p)
-    msg = str(e.value)
+    _, msg = rejection(tmp_path, edit)
     assert field in msg and words in msg, msg
 
 

@@ -384,6 +384,19 @@ def resolve_study_path(study: str) -> Path:
     )
 
 
+def study_name_of(arg: str) -> tuple[str, "StudyConfig | None"]:
+    """`--study` of the commands that read a study (`status`, `finalize`): a study file (a name in
+    studies/ or a path), loaded and checked, or else the name of a study in the storage (no file
+    needed: the study records the config it was made from)."""
+    is_file = Path(arg).suffix == ".toml" or "/" in arg or any(
+        (base / f"{arg}.toml").is_file() for base in (Path.cwd() / "studies", STUDIES_DIR)
+    )
+    if is_file:
+        cfg = load_config(arg)
+        return cfg.study.name, cfg
+    return arg, None
+
+
 def shipped_studies() -> list[str]:
     return sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
 

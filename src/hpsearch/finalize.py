@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from hpsearch import __version__, claims, export, provenance, report, train
 from hpsearch.checkpoint import BEST_WEIGHTS, Checkpoint, load_checkpoint
-from hpsearch.config import STUDIES_DIR, StudyConfig, load_config
+from hpsearch.config import StudyConfig, study_name_of
 from hpsearch.dashboard import append_note_section
 from hpsearch.data import DeviceSplit, Normalizer, SearchData, TestData, crop_size, load_search_data, load_test_data
 from hpsearch.errors import DataError, HpsearchError, StorageError
@@ -88,21 +88,6 @@ class Outcome:
 
 
 # --- the study and its config -------------------------------------------------------------------
-
-
-def study_name_of(arg: str) -> tuple[str, StudyConfig | None]:
-    """`--study` is a study file (name in studies/ or a path) or the name of a study in the storage.
-
-    Finalizing needs no study file: the study records the config it was made from. A bare name
-    with no file behind it is looked up in the storage, whose error lists the studies there.
-    """
-    is_file = Path(arg).suffix == ".toml" or "/" in arg or any(
-        (base / f"{arg}.toml").is_file() for base in (Path.cwd() / "studies", STUDIES_DIR)
-    )
-    if is_file:
-        cfg = load_config(arg)
-        return cfg.study.name, cfg
-    return arg, None
 
 
 def study_config(study: optuna.Study, file_cfg: StudyConfig | None) -> StudyConfig:

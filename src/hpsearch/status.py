@@ -12,7 +12,6 @@ import json
 import re
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -20,24 +19,13 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from hpsearch.config import STUDIES_DIR, load_config
+from hpsearch.config import study_name_of
 from hpsearch.storage import open_storage, redact, resolve_url, study_names
 from hpsearch.study import ATTR, budget_state, load_study
 
 # Study user attributes written by `hpsearch finalize` (the same names as there; a test checks).
 RESULT_ATTR = "hpsearch_finalize"
 USES_ATTR = "hpsearch_test_uses"
-
-
-def resolve_study(arg: str) -> tuple[str, int | None]:
-    """(study name, budget from the file or None): `arg` is a study file or a name in the storage."""
-    is_file = Path(arg).suffix == ".toml" or "/" in arg or any(
-        (base / f"{arg}.toml").is_file() for base in (Path.cwd() / "studies", STUDIES_DIR)
-    )
-    if is_file:
-        cfg = load_config(arg)
-        return cfg.study.name, cfg.budget.n_trials
-    return arg, None
 
 
 def reason_of(t: FrozenTrial) -> str:
@@ -162,7 +150,8 @@ def list_studies(storage: optuna.storages.BaseStorage, top: int) -> list[dict]:
 def print_status(study_arg: str | None, storage_arg: str | None, top: int = 5, as_json: bool = False,
                  console: Console | None = None) -> None:
     console = console or Console(highlight=False, soft_wrap=True)  # long lines stay whole (grep, logs)
-    name, budget = resolve_study(study_arg) if study_arg else (None, None)  # a bad file fails first
+    name, file_cfg = study_name_of(study_arg) if study_arg else (None, None)  # a bad file fails first
+    budget = file_cfg.budget.n_trials if file_cfg is not None else None
     url = resolve_url(storage_arg)
     storage = open_storage(url, must_exist=True)
     if name is None:
