@@ -71,14 +71,32 @@ class Timed:
             self.left.append(time.perf_counter())
 
 
-def populate(url: str, name: str, n: int) -> float:
+def populate(url: str, name: str, n: int, writers: int = 4) -> float:
     """`n` finished trials of the default space (params, value, 3 reported values and the
     `hparams` user attribute; not the other attributes of a real trial, which only make writing
-    them slower), added through `study.add_trials`."""
+    them slower), added through `study.add_trials` by `writers` processes at once."""
+    storage = open_storage(url)
+    open_study(overhead_config(name, n), storage)  # the study, made once before the writers join
+    storage.close()
+    ctx = multiprocessing.get_context("spawn")
+    share = [n // writers + (i < n % writers) for i in range(writers)]
+    procs = [ctx.Process(target=populate_part, args=(url, name, k, i)) for i, k in enumerate(share)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        sys.exit(f"populating the study failed: {[p.exitcode for p in procs]}")
+    return time.monotonic() - t0
+
+
+def populate_part(url: str, name: str, n: int, seed: int) -> None:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = overhead_config(name, n)
     storage = open_storage(url, cfg.storage)
     study = open_study(cfg, storage)
-    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     trials = []
     for _ in range(n):
         t = scratch.ask()
@@ -87,17 +105,15 @@ def populate(url: str, name: str, n: int) -> float:
         trials.append(optuna.trial.create_trial(
             params=t.params, distributions=t.distributions, value=loss, user_attrs={"hparams": hp.to_dict()},
             intermediate_values={e: loss * (1 + 1 / e) for e in (1, 2, 3)}))
-    t0 = time.monotonic()
     study.add_trials(trials)
-    took = time.monotonic() - t0
     storage.close()
-    return took
 
 
-def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str) -> None:
+def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str,
+            history: int) -> None:
     """One process of `threads` simulated workers sharing one storage."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    cfg = overhead_config(name, budget)
+    cfg = with_history(overhead_config(name, budget), history)
     storage = open_storage(url, cfg.storage, pool_size=2, max_overflow=2)
     rows: list[dict] = []
 
@@ -152,13 +168,19 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path) -> dict:
+def with_history(cfg, history: int):
+    return cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"history": history})})
+
+
+def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
+        history: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     n_proc = max(1, workers // per_process)
     outs = [tmp / f"{name}-{workers}-{i}.json" for i in range(n_proc)]
     procs = [ctx.Process(target=process, args=(url, name, budget, i * per_process,
-                                               workers // n_proc + (i < workers % n_proc), go, str(o)))
+                                               workers // n_proc + (i < workers % n_proc), go, str(o),
+                                               history))
              for i, o in enumerate(outs)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
@@ -192,7 +214,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
     asks, tells = [r["ask"] for r in rows], [r["tell"] for r in rows]
     return {
-        "workers": workers, "processes": n_proc, "trials": len(rows), "wall_s": round(wall, 2),
+        "workers": workers, "processes": n_proc, "history": history, "trials": len(rows), "wall_s": round(wall, 2),
         "trials_per_s": round(len(rows) / wall, 2),
         "ask_p50_ms": ms(asks, 0.5), "ask_p99_ms": ms(asks, 0.99),
         "tell_p50_ms": ms(tells, 0.5), "tell_p99_ms": ms(tells, 0.99),
@@ -210,6 +232,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--existing", type=int, nargs="+", default=[0, 2000, 10000])
     p.add_argument("--threads-per-process", type=int, default=8)
+    p.add_argument("--history", type=int, nargs="+", default=[1000],
+                   help="[sampler] history values to run (0: TPE on every trial); several alternate")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)  # accepted like the other benchmarks'
     args = p.parse_args()
@@ -229,13 +253,15 @@ def main() -> None:
                 done = existing
                 for via, url in (("postgresql", pg_url), ("proxy", proxy.url)):
                     for w in args.workers:
-                        budget = done + new_trials(w)
-                        row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp)
-                        done = budget
-                        row.update(existing=existing, via=via, populate_s=round(populate_s, 1))
-                        results.append(row)
-                        print(json.dumps(row), flush=True)
-                        save(args, results)  # row by row: a run cut short keeps what it measured
+                        for history in args.history:
+                            budget = done + new_trials(w)
+                            row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp, history)
+                            done = budget
+                            row.update(existing=existing, via=via, populate_s=round(populate_s, 1),
+                                       load_average=[round(x, 2) for x in __import__("os").getloadavg()])
+                            results.append(row)
+                            print(json.dumps(row), flush=True)
+                            save(args, results)  # row by row: a run cut short keeps what it measured
         finally:
             proxy.stop()
     print(table(results))
@@ -245,6 +271,8 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
     command = "uv run python benchmarks/loadtest.py" + (" --quick" if args.quick else "")
     if not args.quick and (args.workers != [8, 32, 64] or args.existing != [0, 2000, 10000]):
         command += f" --workers {' '.join(map(str, args.workers))} --existing {' '.join(map(str, args.existing))}"
+    if args.history != [1000]:
+        command += f" --history {' '.join(map(str, args.history))}"
     doc = {"machine": machine(), "load_average": list(__import__("os").getloadavg()),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
            "results": results}
@@ -253,11 +281,12 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| existing | via | W | procs | trials/s | ask p50 / p99 ms | tell p50 / p99 ms | "
+    head = ("| existing | via | W | procs | TPE models | trials/s | ask p50 / p99 ms | tell p50 / p99 ms | "
             "trial p50 ms | DB connections | overshoot | refused |")
-    lines = [head, "|" + " --- |" * 11]
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
-        lines.append(f"| {r['existing']:,} | {r['via']} | {r['workers']} | {r['processes']} | {r['trials_per_s']} | "
+        lines.append(f"| {r['existing']:,} | {r['via']} | {r['workers']} | {r['processes']} | "
+                     f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "
                      f"{r['ask_p50_ms']} / {r['ask_p99_ms']} | {r['tell_p50_ms']} / {r['tell_p99_ms']} | "
                      f"{r['trial_p50_ms']} | {r['db_connections_peak']} | {r['overshoot']} | "
                      f"{r['refused_over_budget']} |")

@@ -1,9 +1,18 @@
-"""The sampler's own cost per ask on large studies, without any database: the default study's
-sampler (TPE, multivariate, grouped, constant liar) asked for one trial of the default space in
-an in-memory study that already holds N finished trials.
+"""The sampler's own cost per ask on large studies, without any database, and what the history
+window (`[sampler] history`, src/hpsearch/window.py) saves and costs.
 
-    uv run python benchmarks/sampler_cost.py                 # N = 0, 2,000, 10,000
-    uv run python benchmarks/sampler_cost.py --quick         # N = 0, 200
+The default study's sampler (TPE, multivariate, grouped, constant liar) is asked for trials of the
+default space in in-memory studies that already hold N finished trials (the same N trials for
+every contender: the default space sampled at random, scored by a made-up loss with a known best
+region, `scaling.made_up_loss`). Contenders: TPE on the whole study (history = 0) and TPE on
+windows of 1,000 and 500 trials. Each repeat gives every contender a fresh copy of the study and
+the same seed; their asks are interleaved one by one, so machine noise hits them alike. Reported
+per contender: the median ask (+ suggest) time, and the quality of what TPE proposes: the median
+and best made-up loss of the proposed points (lower is better; TPE on the whole study is the
+reference).
+
+    uv run python benchmarks/sampler_cost.py                 # N = 0, 2,000, 10,000; 3 repeats of 40 asks
+    uv run python benchmarks/sampler_cost.py --quick         # N = 0, 300 and a window of 250: seconds
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
+from optuna.storages import InMemoryStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -29,40 +39,89 @@ from hpsearch.study import make_sampler  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "sampler_cost.json"
 
 
-def cost(n: int, asks: int) -> dict:
-    cfg = overhead_config(f"sampler-{n}", n)
+def history_trials(cfg, n: int) -> list[optuna.trial.FrozenTrial]:
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(n):
         t = scratch.ask()
         scratch.tell(t, made_up_loss(suggest_hparams(t, cfg.search)))
-    study = optuna.create_study(sampler=make_sampler(cfg.sampler))
-    study.add_trials(scratch.get_trials(deepcopy=False))
-    times = []
-    for _ in range(asks):
-        t0 = time.perf_counter()
-        trial = study.ask()
-        hp = suggest_hparams(trial, cfg.search)
-        times.append(time.perf_counter() - t0)
-        study.tell(trial, made_up_loss(hp))
-    return {"existing": n, "asks": asks, "median_ms": round(1000 * statistics.median(times), 1),
-            "max_ms": round(1000 * max(times), 1)}
+    return scratch.get_trials(deepcopy=False)
+
+
+def fresh_study(cfg, history: int, seed: int, trials) -> optuna.Study:
+    sampler_cfg = cfg.sampler.model_copy(update={"history": history, "seed": seed})
+    storage = InMemoryStorage()
+    study = optuna.create_study(storage=storage, sampler=make_sampler(sampler_cfg, 0, storage))
+    study.add_trials(trials)
+    return study
+
+
+def one_ask(study: optuna.Study, cfg) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    trial = study.ask()
+    hp = suggest_hparams(trial, cfg.search)
+    took = time.perf_counter() - t0
+    loss = made_up_loss(hp)
+    study.tell(trial, loss)
+    return took, loss
+
+
+def compare(n: int, histories: list[int], asks: int, repeats: int) -> list[dict]:
+    cfg = overhead_config(f"sampler-{n}", n)
+    trials = history_trials(cfg, n)
+    runs = {h: {"ms": [], "loss": [], "repeat_ms": []} for h in histories}
+    for r in range(repeats):
+        order = histories if r % 2 == 0 else histories[::-1]  # alternate who asks first
+        studies = {h: fresh_study(cfg, h, seed=r, trials=trials) for h in order}
+        times = {h: [] for h in order}
+        for _ in range(asks):
+            for h in order:
+                took, loss = one_ask(studies[h], cfg)
+                times[h].append(took)
+                runs[h]["loss"].append(loss)
+        for h in order:
+            runs[h]["ms"] += times[h]
+            runs[h]["repeat_ms"].append(round(1000 * statistics.median(times[h]), 1))
+    return [{"existing": n, "history": h, "asks": len(runs[h]["ms"]),
+             "median_ms": round(1000 * statistics.median(runs[h]["ms"]), 1),
+             "repeat_median_ms": runs[h]["repeat_ms"],
+             "max_ms": round(1000 * max(runs[h]["ms"]), 1),
+             "proposed_loss_median": round(statistics.median(runs[h]["loss"]), 4),
+             "proposed_loss_best": round(min(runs[h]["loss"]), 4)} for h in histories]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| finished trials | TPE models | ask median ms | repeats' medians | max ms | proposed loss median / best |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        models = "all" if r["history"] == 0 else f"window of {r['history']:,}"
+        lines.append(f"| {r['existing']:,} | {models} | {r['median_ms']} | "
+                     f"{' / '.join(map(str, r['repeat_median_ms']))} | {r['max_ms']} | "
+                     f"{r['proposed_loss_median']} / {r['proposed_loss_best']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--asks", type=int, default=10)
+    p.add_argument("--asks", type=int, default=40, help="asks per contender per repeat")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sizes = [0, 200] if args.quick else [0, 2000, 10000]
+    if args.quick:
+        plan, asks, repeats = [(0, [0, 250]), (300, [0, 250])], 3, 1
+    else:
+        plan = [(0, [0, 1000]), (2000, [0, 1000, 500]), (10000, [0, 1000, 500])]
+        asks, repeats = args.asks, args.repeats
     rows = []
-    for n in sizes:
-        rows.append(cost(n, 3 if args.quick else args.asks))
-        print(json.dumps(rows[-1]), flush=True)
+    for n, histories in plan:
+        rows += compare(n, histories, asks, repeats)
+        print(json.dumps(rows[-len(histories):]), flush=True)
+    print(table(rows))
     doc = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "command": "uv run python benchmarks/sampler_cost.py" + (" --quick" if args.quick else f" --asks {args.asks}"),
+           "command": "uv run python benchmarks/sampler_cost.py" + (" --quick" if args.quick else
+                                                                     f" --asks {asks} --repeats {repeats}"),
            "results": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1) + "\n")

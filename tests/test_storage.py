@@ -346,3 +346,34 @@ def test_proxy_command_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot open storage" in r.stderr, r.stderr
     assert "s3cret-pw" not in r.stderr + r.stdout
 
+
+
+def test_tpe_on_a_history_window_through_every_storage(storage_url):
+    """Beyond `[sampler] history` finished trials, TPE is asked on the window (window.py) through
+    SQLite, PostgreSQL and the proxy alike, and what TPE writes through the window (the constant
+    liar's note of its proposal on the running trial) lands in the real storage."""
+    from hpsearch.config import MIN_HISTORY
+    from hpsearch.window import HistoryWindowSampler
+
+    from test_window import Seen
+
+    cfg = config(n_trials=1000)
+    storage = open_storage(storage_url, cfg.storage)
+    study = open_study(cfg, storage)
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(MIN_HISTORY + 10):
+        t = scratch.ask()
+        suggest_hparams(t, cfg.search)
+        scratch.tell(t, float(i % 17))
+    study.add_trials(scratch.trials)
+    inner = Seen(seed=0, n_startup_trials=8, multivariate=True, group=True, constant_liar=True)
+    study.sampler = HistoryWindowSampler(inner, MIN_HISTORY, storage)
+
+    trial = study.ask()
+    suggest_hparams(trial, cfg.search)
+    assert inner.finished_seen and max(inner.finished_seen) == MIN_HISTORY
+    fresh = open_storage(storage_url)
+    running = fresh.get_all_trials(fresh.get_study_id_from_name(study.study_name), states=(TrialState.RUNNING,))
+    assert [t.number for t in running] == [trial.number]
+    assert any("relative_params" in key for key in running[0].system_attrs)
+    study.tell(trial, 0.5)

@@ -53,6 +53,7 @@ MIN_BATCH, MAX_BATCH = 8, 8192  # below 8 per-step overhead and gradient noise d
 #   one batch is most of a dataset's training split
 MAX_EPOCHS = 1000  # a trial longer than this would run for days; the budget counts trials
 MAX_SECONDS = 86_400  # a day: for heartbeats, grace periods and reconnect waits
+MIN_HISTORY = 250  # TPE's good group is the best 25 trials from 250 on (window.py)
 
 
 def _check_bounds(info: ValidationInfo, what: str, span: tuple[float, float], low: float, high: float,
@@ -287,6 +288,17 @@ class SamplerConfig(_Frozen):
     n_startup_trials: int = Field(default=8, ge=0, le=1_000_000)
     multivariate: bool = True
     constant_liar: bool = True
+    # TPE models at most this many finished trials (window.py); 0: all of them.
+    history: int = Field(default=1000, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _history(self) -> "SamplerConfig":
+        if 0 < self.history < MIN_HISTORY:
+            raise ValueError(
+                f"history = {self.history} is too small: TPE's good group is the best 25 of >= 250 "
+                f"trials, so use history >= {MIN_HISTORY}, or 0 to model every trial"
+            )
+        return self
 
 
 class PrunerConfig(_Frozen):

@@ -19,12 +19,16 @@ from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
 from hpsearch.errors import StorageError
 from hpsearch.recovery import OVER_BUDGET
 from hpsearch.storage import study_names
+from hpsearch.window import HistoryWindowSampler
 
 OBJECTIVE_NAME = "validation loss"
 ATTR = "hpsearch"  # the study user attribute that records how the study was made
 
 
-def make_sampler(cfg: SamplerConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SamplerConfig, worker_index: int = 0,
+                 storage: BaseStorage | None = None) -> optuna.samplers.BaseSampler:
+    """The study's sampler; with `storage` (the study's) TPE is asked on a window of at most
+    `cfg.history` finished trials (window.py), the whole study without it."""
     seed = None
     if cfg.seed is not None:
         # Workers must not share a seed, or they would propose the same points. Mixing in the host
@@ -34,13 +38,16 @@ def make_sampler(cfg: SamplerConfig, worker_index: int = 0) -> optuna.samplers.B
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
+        tpe = optuna.samplers.TPESampler(
             seed=seed,
             n_startup_trials=cfg.n_startup_trials,
             multivariate=cfg.multivariate,
             group=cfg.multivariate,  # momentum exists only for SGD: a conditional space
             constant_liar=cfg.constant_liar,
         )
+    if storage is None or cfg.history == 0:
+        return tpe
+    return HistoryWindowSampler(tpe, cfg.history, storage)
 
 
 def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
@@ -71,7 +78,7 @@ def open_study(
     study = optuna.create_study(
         study_name=cfg.study.name,
         storage=storage,
-        sampler=make_sampler(cfg.sampler, worker_index),
+        sampler=make_sampler(cfg.sampler, worker_index, storage),
         pruner=make_pruner(cfg.pruner, cfg.training.max_epochs),
         direction="minimize",
         load_if_exists=True,
