@@ -21,6 +21,7 @@ must be 0) with the number of over-budget claims refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing
@@ -40,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from machine import machine  # noqa: E402
 from scaling import TrivialObjective, made_up_loss, overhead_config  # noqa: E402
-from storages import Proxy, pg_connections, pg_database  # noqa: E402
+from storages import HOST, PORT, Proxy, admin_connection, pg_connections, pg_database  # noqa: E402
 
 from hpsearch.objective import suggest_hparams  # noqa: E402
 from hpsearch.progress import Display  # noqa: E402
 from hpsearch.recovery import OVER_BUDGET  # noqa: E402
 from hpsearch.signals import StopRequest  # noqa: E402
-from hpsearch.storage import open_storage  # noqa: E402
+from hpsearch.storage import open_storage, study_names  # noqa: E402
 from hpsearch.study import open_study  # noqa: E402
 from hpsearch.worker import trial_loop  # noqa: E402
 
@@ -60,10 +61,12 @@ class Timed:
         self.inner = inner
         self.taken_over = None
         self.interrupted = None
+        self.current: int | None = None  # as hpsearch's objective: the trial it entered last
         self.entered: list[float] = []
         self.left: list[float] = []
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial.number
         self.entered.append(time.perf_counter())
         try:
             return self.inner(trial)
@@ -71,13 +74,14 @@ class Timed:
             self.left.append(time.perf_counter())
 
 
-def populate(url: str, name: str, n: int, writers: int = 4) -> float:
+def populate(url: str, name: str, n: int) -> float:
     """`n` finished trials of the default space (params, value, 3 reported values and the
     `hparams` user attribute; not the other attributes of a real trial, which only make writing
     them slower), added through `study.add_trials` by `writers` processes at once."""
     storage = open_storage(url)
     open_study(overhead_config(name, n), storage)  # the study, made once before the writers join
     storage.close()
+    writers = 4 if n >= 1000 else 1  # processes cost seconds to start: only worth it for many trials
     ctx = multiprocessing.get_context("spawn")
     share = [n // writers + (i < n % writers) for i in range(writers)]
     procs = [ctx.Process(target=populate_part, args=(url, name, k, i)) for i, k in enumerate(share)]
@@ -163,6 +167,30 @@ def refused(pg_url: str, name: str) -> int:
     return sum(OVER_BUDGET in t.system_attrs for t in trials)
 
 
+@contextlib.contextmanager
+def kept_database(name: str):
+    """A database on the tests' server that outlives the run (for a 10,000-trial study)."""
+    con, user = admin_connection()
+    with con.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    con.close()
+    yield f"postgresql+psycopg2://{user}@{HOST}:{PORT}/{name}"
+
+
+def counted_so_far(pg_url: str, name: str) -> int | None:
+    """Finished trials of study `name` (None when there is no such study yet)."""
+    storage = open_storage(pg_url)
+    try:
+        if name not in study_names(storage):
+            return None
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        return sum(t.state.is_finished() and OVER_BUDGET not in t.system_attrs for t in trials)
+    finally:
+        storage.close()
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -235,6 +263,8 @@ def main() -> None:
     p.add_argument("--history", type=int, nargs="+", default=[1000],
                    help="[sampler] history values to run (0: TPE on every trial); several alternate")
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--database", help="keep the studies in this PostgreSQL database (created if missing, "
+                   "not dropped) and reuse a study of the same size from an earlier run")
     p.add_argument("--data-dir", help=argparse.SUPPRESS)  # accepted like the other benchmarks'
     args = p.parse_args()
     if args.quick:
@@ -242,15 +272,16 @@ def main() -> None:
     new_trials = (lambda w: 8) if args.quick else (lambda w: w + 16)  # every worker gets a trial
     tmp = Path(__import__("tempfile").mkdtemp(prefix="hpsearch-load-"))
     results = []
-    with pg_database() as pg_url:
+    with (kept_database(args.database) if args.database else pg_database()) as pg_url:
         open_storage(pg_url).close()  # the tables, before the proxy opens the database too
         proxy = Proxy(pg_url, tmp / "proxy.log").start()
         try:
             for existing in args.existing:
-                name = f"load-{existing}-{secrets.token_hex(2)}"
-                populate_s = populate(pg_url, name, existing) if existing else 0.0
+                name = f"load-{existing}" if args.database else f"load-{existing}-{secrets.token_hex(2)}"
+                done = counted_so_far(pg_url, name)
+                populate_s = populate(pg_url, name, existing) if existing and done is None else 0.0
                 print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
-                done = existing
+                done = counted_so_far(pg_url, name) or existing
                 for via, url in (("postgresql", pg_url), ("proxy", proxy.url)):
                     for w in args.workers:
                         for history in args.history:

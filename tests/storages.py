@@ -30,7 +30,7 @@ HOST, PORT = "127.0.0.1", 5432
 STORAGE_KINDS = ["sqlite", "postgresql", "grpc"]
 
 
-def _admin():
+def admin_connection():
     """A connection to the `postgres` database as this OS user, else as `postgres`."""
     errors = []
     for user in dict.fromkeys([getpass.getuser(), "postgres"]):
@@ -46,7 +46,7 @@ def _admin():
 @contextlib.contextmanager
 def pg_database() -> Iterator[str]:
     """A new, randomly named database on the shared server; dropped afterwards."""
-    con, user = _admin()
+    con, user = admin_connection()
     name = f"hpsearch_test_{secrets.token_hex(4)}"
     with con.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
@@ -54,7 +54,7 @@ def pg_database() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg2://{user}@{HOST}:{PORT}/{name}"
     finally:
-        con, _ = _admin()
+        con, _ = admin_connection()
         with con.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         con.close()
@@ -62,7 +62,7 @@ def pg_database() -> Iterator[str]:
 
 def pg_connections(url: str) -> int:
     """Connections open to the database of `url` (pg_stat_activity)."""
-    con, _ = _admin()
+    con, _ = admin_connection()
     with con.cursor() as cur:
         cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (url.rsplit("/", 1)[1],))
         n = cur.fetchone()[0]

@@ -103,5 +103,5 @@ def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path
     out = tmp_path / "sampler.json"
     run_quick("sampler_cost.py", mnist_dir, out)
     rows = json.loads(out.read_text())["results"]
-    assert [row["existing"] for row in rows] == [0, 200]
-    assert all(row["asks"] == 3 and row["median_ms"] > 0 for row in rows)
+    assert [(row["existing"], row["history"]) for row in rows] == [(0, 0), (0, 250), (300, 0), (300, 250)]
+    assert all(row["asks"] == 3 and row["median_ms"] > 0 and row["proposed_loss_best"] > 0 for row in rows)

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO, hpsearch_cmd, run_cli
 from hpsearch.recovery import OVER_BUDGET, requeue
-from storages import HOST, PORT, _admin
+from storages import HOST, PORT, admin_connection
 from storages import Proxy
 
 pytestmark = pytest.mark.postgres
@@ -69,13 +69,13 @@ reconnect_timeout = 120
 
 @pytest.fixture(scope="module")
 def pg_url():
-    con, user = _admin()
+    con, user = admin_connection()
     name = f"hpsearch_test_{secrets.token_hex(4)}"
     with con.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
     con.close()
     yield f"postgresql+psycopg2://{user}@{HOST}:{PORT}/{name}"
-    con, _ = _admin()  # a new connection: the restart test killed the old ones
+    con, _ = admin_connection()  # a new connection: the restart test killed the old ones
     with con.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     con.close()
