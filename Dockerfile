@@ -28,9 +28,11 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /app
 # Dependencies first, in their own layer: rebuilt only when the lock file changes. uv's cache
 # (torch's CUDA wheels are ~3 GB) stays on the build machine between builds, not in the image.
-COPY pyproject.toml uv.lock README.md ./
+COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --locked --no-dev --no-install-project
+# README.md: the package's metadata (pyproject's readme), needed only to build the project itself.
+COPY README.md ./
 COPY src ./src
 COPY studies ./studies
 RUN --mount=type=cache,target=/root/.cache/uv \
