@@ -145,7 +145,10 @@ def containers(env: dict, service: str) -> list[dict]:
 
 def test_compose_stack_runs_a_search_and_requeues_a_stopped_workers_trial(stack):
     compose, env = stack
-    figures = {}
+    def exists(image):
+        return run(["docker", "image", "inspect", image], env, check=False).returncode == 0
+    figures = {"base_images_existed": all(exists(i) for i in STANDINS.values()),
+               "image_existed": exists("hpsearch:latest")}
     t = time.monotonic()
     run(["bash", "deploy/docker/build-base-images.sh"], env)
     figures["base_images_s"] = round(time.monotonic() - t, 1)
@@ -162,11 +165,12 @@ def test_compose_stack_runs_a_search_and_requeues_a_stopped_workers_trial(stack)
     # A trial past its first epoch, with a checkpoint and epochs left: stop its worker now.
     def running_mid_trial():
         return next((x for x in trials(compose, env) if x["state"] == "RUNNING"
-                     and x["user_attrs"].get("epoch_checkpoint") and x["epochs"] <= 2), None)
+                     and x["user_attrs"].get("epoch_checkpoint") and x["epochs"] <= 2), None)  # of 4
     victim = wait_for("a trial past its first epoch", running_mid_trial, 300)
     workers = {c["Config"]["Hostname"]: c for c in containers(env, "worker")}
     assert len(workers) == 2
     stopped = workers[victim["user_attrs"]["host"]]["Name"].lstrip("/")
+    other = next(c["Name"].lstrip("/") for c in workers.values() if c["Name"].lstrip("/") != stopped)
     t = time.monotonic()
     run(["docker", "stop", stopped], env, timeout=120)  # SIGTERM; SIGKILL only after stop_grace_period
     figures["stop_s"] = round(time.monotonic() - t, 1)
@@ -189,12 +193,12 @@ def test_compose_stack_runs_a_search_and_requeues_a_stopped_workers_trial(stack)
     assert copy["state"] == "COMPLETE"
     assert copy["user_attrs"]["resumed_from_trial"] == victim["number"]
     assert copy["user_attrs"]["resumed_from_epoch"] >= 1
-    assert copy["user_attrs"]["host"] != victim["user_attrs"]["host"]  # the other worker
+    assert workers[copy["user_attrs"]["host"]]["Name"].lstrip("/") == other  # the other worker
     assert "re-queued" in run(["docker", "logs", stopped], env).stdout
     first_done = min(datetime.fromisoformat(x["complete"]) for x in ts.values() if x["state"] == "COMPLETE")
     figures["up_to_first_finished_trial_s"] = round((first_done - up_at).total_seconds(), 1)
-    figures["requeue"] = {"trial": victim["number"], "stopped_container": stopped,
-                          "copy": copy["number"], "copy_host": copy["user_attrs"]["host"],
+    figures["requeue"] = {"trial": victim["number"], "stopped_after_epochs": failed["epochs"],
+                          "stopped_container": stopped, "copy": copy["number"], "copy_container": other,
                           "resumed_from_epoch": copy["user_attrs"]["resumed_from_epoch"]}
 
     # The dashboard on this host's loopback only; the database on no port at all.
