@@ -18,7 +18,7 @@
 # The root file systems come from this machine's own apt sources (mmdebstrap reads them). The
 # Python base trusts what this machine trusts: its /etc/ssl/certs/ca-certificates.crt becomes the
 # image's, so a build behind a TLS-inspecting proxy reaches the package index. Needs mmdebstrap,
-# a Docker engine and python3 with pip (to fetch the uv wheel). Images that exist are kept.
+# a Docker engine and python3 (to fetch the uv wheel). Images that exist are kept.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -64,14 +64,23 @@ if needed "$PYTHON_TAG"; then
 fi
 
 if needed "$UV_TAG"; then
-    # PyPI's uv wheel for this machine's architecture (pip checks the index's sha256), unpacked.
-    python3 -m pip download --quiet --no-deps --only-binary=:all: \
-        --platform "manylinux_2_17_$(uname -m)" --python-version 3.11 -d "$work/wheel" "uv==$UV_VERSION"
-    python3 - "$work" <<'PY'
-import os, sys, zipfile
-work = sys.argv[1]
-wheel = [f for f in os.listdir(f"{work}/wheel") if f.endswith(".whl")][0]
-with zipfile.ZipFile(f"{work}/wheel/{wheel}") as z:
+    # PyPI's manylinux uv wheel for this machine's architecture, checked against the sha256 the
+    # index lists, unpacked (the standard library only: no pip needed).
+    python3 - "$work" "$UV_VERSION" "$(uname -m)" <<'PY'
+import hashlib, io, json, os, sys, urllib.request, zipfile
+work, version, arch = sys.argv[1:]
+# The index's JSON API (PEP 691): PyPI's, or a mirror's in PYPI_SIMPLE_URL.
+index = os.environ.get("PYPI_SIMPLE_URL", "https://pypi.org/simple").rstrip("/")
+request = urllib.request.Request(f"{index}/uv/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(request, timeout=60) as r:
+    files = json.load(r)["files"]
+wheel = next(f for f in files if f["filename"].startswith(f"uv-{version}-")
+             and "manylinux" in f["filename"] and f["filename"].endswith(f"_{arch}.whl"))
+with urllib.request.urlopen(wheel["url"], timeout=300) as r:
+    data = r.read()
+if hashlib.sha256(data).hexdigest() != wheel["hashes"]["sha256"]:
+    sys.exit(f"build-base-images.sh: {wheel['filename']} does not match PyPI's sha256")
+with zipfile.ZipFile(io.BytesIO(data)) as z:
     name = next(n for n in z.namelist() if n.endswith(".data/scripts/uv"))
     with open(f"{work}/uv", "wb") as out:
         out.write(z.read(name))
