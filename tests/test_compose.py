@@ -90,11 +90,13 @@ def env_file(path: Path, password: str | None) -> Path:
     """.env.example with the README's edits: a password, CPU workers, the quick study, stand-ins."""
     text = (REPO / ".env.example").read_text()
     if password is not None:
-        text = text.replace("POSTGRES_PASSWORD=\n", f"POSTGRES_PASSWORD={password}\n")
-        text = text.replace("COMPOSE_FILE=docker-compose.yml:docker-compose.gpu.yml", "COMPOSE_FILE=docker-compose.yml")
-        text = text.replace("HPSEARCH_STUDY=cnn\n", f"HPSEARCH_STUDY={STUDY}\n")
-        for name, image in STANDINS.items():
-            text = text.replace(f"# {name}={image}", f"{name}={image}")
+        edits = {"POSTGRES_PASSWORD=\n": f"POSTGRES_PASSWORD={password}\n",
+                 "COMPOSE_FILE=docker-compose.yml:docker-compose.gpu.yml\n": "COMPOSE_FILE=docker-compose.yml\n",
+                 "HPSEARCH_STUDY=cnn\n": f"HPSEARCH_STUDY={STUDY}\n"}
+        edits.update({f"# {name}={image}\n": f"{name}={image}\n" for name, image in STANDINS.items()})
+        for old, new in edits.items():
+            assert old in text, f".env.example has no line {old!r}: the README's edits no longer apply"
+            text = text.replace(old, new)
     path.write_text(text)
     return path
 
