@@ -458,7 +458,7 @@ def test_wrong_url_is_one_line_without_the_password(tmp_path, mnist_dir):
     assert "***" in err[0] and "s3cret-pw" not in r.stderr + r.stdout
 
 
-# --- the compose stack (no Docker engine here: the file is parsed and checked) --------------------
+# --- the compose files, parsed (tests/test_compose.py runs the stack) ------------------------------
 
 
 def test_compose_file_names_four_services_with_their_settings():
@@ -467,12 +467,12 @@ def test_compose_file_names_four_services_with_their_settings():
     assert set(services) == {"db", "proxy", "worker", "dashboard"}
 
     db = services["db"]
-    assert db["image"].startswith("postgres:")
+    assert db["image"] == "${POSTGRES_IMAGE:-postgres:16-bookworm}"  # the registry's by default
     assert "ports" not in db  # not published to the host by default
     assert "pg_isready" in " ".join(db["healthcheck"]["test"])
     volume = db["volumes"][0].split(":")[0]
     assert volume in compose["volumes"]  # a named volume, not a host folder
-    assert db["env_file"] == [".env"] or ".env" in str(db["env_file"])
+    assert db["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")  # no default
 
     proxy = services["proxy"]  # between the database and the workers
     assert proxy["command"][:1] == ["proxy"] and proxy["depends_on"]["db"]["condition"] == "service_healthy"
@@ -483,8 +483,16 @@ def test_compose_file_names_four_services_with_their_settings():
     assert worker["build"] and worker["depends_on"]["proxy"]["condition"] == "service_healthy"
     assert worker["environment"]["HPSEARCH_STORAGE"] == "grpc://proxy:13000"
     assert "container_name" not in worker and "ports" not in worker  # scalable
-    gpus = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert "deploy" not in worker  # CPU workers; the GPUs come with docker-compose.gpu.yml
+    gpu = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())["services"]["worker"]
+    gpus = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["driver"] == "nvidia" and "gpu" in gpus[0]["capabilities"]
+    # The build's base images default to the Dockerfile's own defaults, the registry images.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for arg, value in worker["build"]["args"].items():
+        if arg != "GIT_COMMIT":
+            default = value.removeprefix(f"${{{arg}:-").removesuffix("}")
+            assert f"ARG {arg}={default}\n" in dockerfile, arg
     command = " ".join(worker["command"])
     assert command.startswith("worker --study")
 
@@ -502,7 +510,7 @@ def test_compose_file_names_four_services_with_their_settings():
                 assert ":${POSTGRES_PASSWORD" in value and "@db:5432/" in value, (key, value)
     assert services["worker"]["environment"]["HPSEARCH_STORAGE"]
     example = (REPO / ".env.example").read_text()
-    assert "POSTGRES_PASSWORD=" in example
+    assert "POSTGRES_PASSWORD=\n" in example  # empty: compose refuses to start until it is set
     tracked = subprocess.run(["git", "ls-files", ".env", ".env.example"], cwd=REPO, capture_output=True,
                              text=True).stdout.split()
     assert tracked == [".env.example"]
