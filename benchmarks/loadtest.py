@@ -304,6 +304,8 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
         command += f" --workers {' '.join(map(str, args.workers))} --existing {' '.join(map(str, args.existing))}"
     if args.history != [1000]:
         command += f" --history {' '.join(map(str, args.history))}"
+    if args.database:
+        command += f" --database {args.database}"
     doc = {"machine": machine(), "load_average": list(__import__("os").getloadavg()),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
            "results": results}
