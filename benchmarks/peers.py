@@ -113,19 +113,19 @@ def ray_trainable(config: dict[str, Any], data: SearchData, space: StudyConfig, 
 
 
 class Timeline(tune.Callback):
-    """The driver's record of every reported epoch, in the order trials were made."""
+    """The driver's record of every reported epoch. Trials are numbered in the order the searcher
+    made them (`trials` is in that order), which is not always the order they start in."""
 
     def __init__(self, run: Run, start_wall: float) -> None:
-        self.run, self.start_wall, self.numbers = run, start_wall, {}
+        self.run, self.start_wall, self.configs = run, start_wall, {}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.numbers[trial.trial_id] = len(self.numbers)
-        self.run.params.append(dict(trial.config))
+        self.configs[trials.index(trial)] = dict(trial.config)
+        self.run.params = [self.configs[n] for n in sorted(self.configs)]
         self.run.trials += 1
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        number = self.numbers.setdefault(trial.trial_id, len(self.numbers))
-        self.run.timeline.append((result["wall"] - self.start_wall, result["val_accuracy"], number))
+        self.run.timeline.append((result["wall"] - self.start_wall, result["val_accuracy"], trials.index(trial)))
         self.run.epochs += 1
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from conftest import REPO
@@ -105,3 +106,22 @@ def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path
     rows = json.loads(out.read_text())["results"]
     assert [row["existing"] for row in rows] == [0, 200]
     assert all(row["asks"] == 3 and row["median_ms"] > 0 for row in rows)
+
+
+def test_peers_quick_mode_runs_hpsearch_ray_tune_and_the_optuna_script(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "peers.json"
+    r = run_quick("peers.py", mnist_dir, out)
+    doc = json.loads(out.read_text())
+    assert [row["contender"] for row in doc["summary"]] == ["hpsearch", "ray tune", "optuna script"]
+    assert doc["quick"] is True and doc["versions"]["optuna"] == optuna.__version__
+    for run in doc["runs"]:
+        # Bounded by work: two one-epoch trials each, every one trained and validated for real
+        # (well above chance), timed from before the data was loaded, with the load average noted.
+        assert run["trials"] == 2 and run["epochs"] == 2, run
+        assert len({trial for _, _, trial in run["timeline"]}) == 2
+        assert all(0 < t < run["budget_s"] for t, _, _ in run["timeline"])
+        assert max(acc for _, acc, _ in run["timeline"]) > 0.5
+        assert len(run["load_1min"]) == 2
+    # The samplers are seeded alike: every contender's first trial is the same configuration.
+    assert len({json.dumps(run["params"][0], sort_keys=True) for run in doc["runs"]}) == 1
+    assert "ray tune" in r.stdout and "optuna script" in r.stdout
