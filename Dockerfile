@@ -17,10 +17,10 @@ ENV UV_COMPILE_BYTECODE=1 \
 WORKDIR /app
 # Dependencies first, in their own layer: rebuilt only when the lock file changes.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-install-project
+RUN uv sync --locked --no-default-groups --no-install-project
 COPY src ./src
 COPY studies ./studies
-RUN uv sync --locked --no-dev
+RUN uv sync --locked --no-default-groups
 
 # No .git in the image: trials record this commit as their code version.
 ARG GIT_COMMIT=""
