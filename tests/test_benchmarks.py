@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import torch
 import pytest
 
 from conftest import REPO
@@ -125,3 +126,27 @@ def test_peers_quick_mode_runs_hpsearch_ray_tune_and_the_optuna_script(tmp_path:
     # The samplers are seeded alike: every contender's first trial is the same configuration.
     assert len({json.dumps(run["params"][0], sort_keys=True) for run in doc["runs"]}) == 1
     assert "ray tune" in r.stdout and "optuna script" in r.stdout
+
+
+def test_mnist_rot_rotates_every_digit_by_a_seeded_angle_and_keeps_the_labels(tmp_path: Path, mnist_dir: Path) -> None:
+    from hpsearch.config import load_config
+    from hpsearch.data import load_search_data, read_idx
+
+    def build(out: str, *seed: str) -> tuple:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "mnist_rot.py"), str(mnist_dir), str(tmp_path / out),
+                        *seed], check=True, timeout=300)
+        return (read_idx(tmp_path / out / "rot-images-idx3-ubyte.gz"), read_idx(tmp_path / out / "rot-labels-idx1-ubyte.gz"))
+
+    source = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
+    (images, labels), (again, _), (other, _) = build("a"), build("b"), build("c", "--seed", "1")
+    assert (labels == read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")).all()
+    assert images.shape == source.shape and images.dtype == source.dtype
+    assert (images == again).all() and not (images == other).all()  # the seed decides the angles
+    # Rotated, not blanked: most digits move, and the ink of a centred digit stays in the frame.
+    moved = (images != source).reshape(len(source), -1).any(1).mean()
+    assert moved > 0.99
+    assert abs(images.astype(float).mean() / source.astype(float).mean() - 1) < 0.05
+    # The study files read it as they read MNIST.
+    cfg = load_config(REPO / "studies" / "mnist-idx.toml")
+    data = load_search_data(cfg.data, tmp_path / "a", torch.device("cpu"))
+    assert data.num_classes == 10 and len(data.train) == 6999 and len(data.val) == 1500  # as MNIST-10k splits
