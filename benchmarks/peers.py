@@ -16,7 +16,7 @@ the samplers are seeded alike (TPE's first draws are then the same configuration
 starts before loading the data (for Ray: before `ray.init`). The contenders alternate in every
 repeat; each run records the 1-minute load average before and after it, so noise from other work
 on the machine shows. The study's trial budget is lifted: the wall-clock budget is the only bound.
-The `--pruner` variants run hpsearch with another pruner (the "levers").
+`--contenders hpsearch hyperband none` runs hpsearch with each pruner (a "lever").
 
     uv run python benchmarks/peers.py --data-dir ../shared/data/mnist-t10k --budget 300 --repeats 3 \\
         --json benchmarks/results/peers.json
