@@ -30,13 +30,13 @@ WORKDIR /app
 # (torch's CUDA wheels are ~3 GB) stays on the build machine between builds, not in the image.
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev --no-install-project
+    uv sync --locked --no-default-groups --no-install-project
 # README.md: the package's metadata (pyproject's readme), needed only to build the project itself.
 COPY README.md ./
 COPY src ./src
 COPY studies ./studies
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-dev
+    uv sync --locked --no-default-groups
 
 # No .git in the image: trials record this commit as their code version.
 ARG GIT_COMMIT=""

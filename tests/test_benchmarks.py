@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
+import torch
 import pytest
 
 from conftest import REPO
@@ -105,3 +107,46 @@ def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path
     rows = json.loads(out.read_text())["results"]
     assert [(row["existing"], row["history"]) for row in rows] == [(0, 0), (0, 250), (300, 0), (300, 250)]
     assert all(row["asks"] == 3 and row["median_ms"] > 0 and row["proposed_loss_best"] > 0 for row in rows)
+
+
+def test_peers_quick_mode_runs_hpsearch_ray_tune_and_the_optuna_script(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "peers.json"
+    r = run_quick("peers.py", mnist_dir, out)
+    doc = json.loads(out.read_text())
+    assert [row["contender"] for row in doc["summary"]] == ["hpsearch", "ray tune", "optuna script"]
+    assert doc["quick"] is True and doc["versions"]["optuna"] == optuna.__version__
+    for run in doc["runs"]:
+        # Bounded by work: two one-epoch trials each, every one trained and validated for real
+        # (well above chance), timed from before the data was loaded, with the load average noted.
+        assert run["trials"] == 2 and run["epochs"] == 2, run
+        assert len({trial for _, _, trial in run["timeline"]}) == 2
+        assert all(0 < t < run["budget_s"] for t, _, _ in run["timeline"])
+        assert max(acc for _, acc, _ in run["timeline"]) > 0.5
+        assert len(run["load_1min"]) == 2
+    # The samplers are seeded alike: every contender's first trial is the same configuration.
+    assert len({json.dumps(run["params"][0], sort_keys=True) for run in doc["runs"]}) == 1
+    assert "ray tune" in r.stdout and "optuna script" in r.stdout
+
+
+def test_mnist_rot_rotates_every_digit_by_a_seeded_angle_and_keeps_the_labels(tmp_path: Path, mnist_dir: Path) -> None:
+    from hpsearch.config import load_config
+    from hpsearch.data import load_search_data, read_idx
+
+    def build(out: str, *seed: str) -> tuple:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "mnist_rot.py"), str(mnist_dir), str(tmp_path / out),
+                        *seed], check=True, timeout=300)
+        return (read_idx(tmp_path / out / "rot-images-idx3-ubyte.gz"), read_idx(tmp_path / out / "rot-labels-idx1-ubyte.gz"))
+
+    source = read_idx(mnist_dir / "t10k-images-idx3-ubyte.gz")
+    (images, labels), (again, _), (other, _) = build("a"), build("b"), build("c", "--seed", "1")
+    assert (labels == read_idx(mnist_dir / "t10k-labels-idx1-ubyte.gz")).all()
+    assert images.shape == source.shape and images.dtype == source.dtype
+    assert (images == again).all() and not (images == other).all()  # the seed decides the angles
+    # Rotated, not blanked: most digits move, and the ink of a centred digit stays in the frame.
+    moved = (images != source).reshape(len(source), -1).any(1).mean()
+    assert moved > 0.99
+    assert abs(images.astype(float).mean() / source.astype(float).mean() - 1) < 0.05
+    # The study files read it as they read MNIST.
+    cfg = load_config(REPO / "studies" / "mnist-idx.toml")
+    data = load_search_data(cfg.data, tmp_path / "a", torch.device("cpu"))
+    assert data.num_classes == 10 and len(data.train) == 6999 and len(data.val) == 1500  # as MNIST-10k splits

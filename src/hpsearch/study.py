@@ -25,15 +25,20 @@ OBJECTIVE_NAME = "validation loss"
 ATTR = "hpsearch"  # the study user attribute that records how the study was made
 
 
+def sampler_seed(cfg: SamplerConfig, worker_index: int = 0) -> int | None:
+    """The seed this worker's sampler gets from the study file's `[sampler] seed`."""
+    if cfg.seed is None:
+        return None
+    # Workers must not share a seed, or they would propose the same points. Mixing in the host
+    # keeps one machine's run reproducible while different nodes still differ.
+    return (cfg.seed + zlib.crc32(socket.gethostname().encode()) + 7919 * worker_index) % 2**32
+
+
 def make_sampler(cfg: SamplerConfig, worker_index: int = 0,
                  storage: BaseStorage | None = None) -> optuna.samplers.BaseSampler:
     """The study's sampler; with `storage` (the study's) TPE is asked on a window of at most
     `cfg.history` finished trials (window.py), the whole study without it."""
-    seed = None
-    if cfg.seed is not None:
-        # Workers must not share a seed, or they would propose the same points. Mixing in the host
-        # keeps one machine's run reproducible while different nodes still differ.
-        seed = (cfg.seed + zlib.crc32(socket.gethostname().encode()) + 7919 * worker_index) % 2**32
+    seed = sampler_seed(cfg, worker_index)
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
