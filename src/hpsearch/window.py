@@ -7,15 +7,16 @@ shows TPE a window of it instead:
 
 - every finished trial while the study holds at most `size` of them: TPE sees exactly what it
   would see without the window (same trials, same order), so small studies sample identically;
-- beyond that, the `best` best complete trials plus the most recent finished ones up to `size`,
+- beyond that, the best 100 complete trials plus the most recent finished ones up to `size`,
   and every running trial (the constant liar's). TPE's "good" group is the best 25 trials once a
   study has 250 (its default gamma), so a window of >= 250 that keeps the best 100 gives TPE the
   same good group as the whole study; only its model of the rest is thinned to the recent trials,
   which TPE's default weights already favour (older trials weigh linearly less).
 
-The window is a read-only view storage (`BaseStorage`, Optuna's public storage interface) over the
-study's trials, opened with `optuna.load_study`; writes TPE makes (the constant liar's system
-attributes) go through to the real storage. One view per trial, built when the trial starts.
+The window is a view storage (`BaseStorage`, Optuna's public storage interface) over the study's
+trials, opened with `optuna.load_study`: reads of the trial list answer from the window, and
+everything else, the writes TPE makes (the constant liar's system attributes) included, goes to
+the real storage. One view per trial, built when the trial starts.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from hpsearch.config import MIN_HISTORY
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # TPE's default gamma caps its "good" group at 25 trials from 250 on: MIN_HISTORY, the smallest
-# window that keeps that group the same as the whole study's. The window keeps 4x that many.
+# window that keeps that group the same as the whole study's. The window keeps the best 100, 4x it.
 KEEP_BEST = 100
 
 
