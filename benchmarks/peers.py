@@ -43,9 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import ray
-import torch
-from ray import tune
+
+# Ray's trial processes run this interpreter, with the benchmarks folder on their path as on the
+# driver's. Under `uv run` Ray would otherwise copy the project into a package of its own and
+# start every worker with `uv run` there (its uv hook), where `search_efficiency` is not
+# importable and a fresh environment is built first; the switch is Ray's documented one.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
