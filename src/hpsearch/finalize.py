@@ -379,6 +379,46 @@ def test_metrics(model: CNN, test: DeviceSplit, normalizer: Normalizer, crop: tu
 # --- the command --------------------------------------------------------------------------------
 
 
+# A use of the test split claimed less than this long ago, with no result stored yet, may be a
+# finalize still evaluating (loading the data and one pass over the test split take minutes at
+# most): a second finalize waits for its result rather than calling it interrupted.
+EVALUATING_S = 900.0
+
+
+def wait_for_result(study: optuna.Study, last_use: dict, say: Callable[[str], None],
+                    poll_s: float = 2.0) -> dict | None:
+    """The result of the finalize that claimed `last_use`, once it is stored; None when the claim
+    is older than EVALUATING_S without one (that run was interrupted)."""
+    try:
+        claimed = datetime.fromisoformat(str(last_use.get("at"))).timestamp()
+    except ValueError:
+        return None
+    deadline = claimed + EVALUATING_S
+    if last_use.get("host") == socket.gethostname() and not _alive(last_use.get("pid")):
+        return study.user_attrs.get(RESULT_ATTR)  # that run ended here without a result
+    if time.time() < deadline:
+        say(f"another finalize claimed the test split at {last_use.get('at')} and is evaluating; "
+            f"waiting for its result")
+    while time.time() < deadline:
+        stored = study.user_attrs.get(RESULT_ATTR)
+        if stored is not None:
+            return stored
+        time.sleep(poll_s)
+    return study.user_attrs.get(RESULT_ATTR)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # not recorded: assume it may be running
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outcome:
     # Everything that can be wrong is checked before anything is written: the study, its trials,
     # the data. Only then is the test split read.
@@ -390,6 +430,10 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
 
     stored = study.user_attrs.get(RESULT_ATTR)
     uses = recorded_uses(study, storage, claims.StudyKey.of(storage, study.study_name))
+    if uses and stored is None and not opts.force:
+        # Another finalize may be evaluating right now: its result is then worth waiting for.
+        stored = wait_for_result(study, uses[-1], say)
+        uses = recorded_uses(study, storage, claims.StudyKey.of(storage, study.study_name))
     if uses and stored is None and not opts.force:
         # The split was read but the run stopped before storing a result: looking again is a second use.
         raise HpsearchError(
@@ -465,6 +509,7 @@ def finalize(opts: FinalizeOptions, say: Callable[[str], None] = print) -> Outco
         "trial": winner.trial.number,
         "forced": bool(opts.force),
         "host": socket.gethostname(),
+        "pid": os.getpid(),  # on this host, whether that run is still evaluating (wait_for_result)
         "user": _user(),
         "code_version": code_version(),
         "command": opts.command,
