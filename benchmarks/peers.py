@@ -62,7 +62,7 @@ from hpsearch.objective import suggest_hparams
 from hpsearch.study import sampler_seed
 
 from machine import machine
-from search_efficiency import REPO, Run, _fmt_s, hpsearch_run, report, seed_style_trial
+from search_efficiency import REPO, Run, _fmt_s, hpsearch_run, reprinted, report, seed_style_trial
 
 CONTENDERS = ("hpsearch", "ray tune", "optuna script")
 PRUNER_VARIANTS = {"hyperband": "hpsearch, hyperband pruner", "none": "hpsearch, no pruner"}
@@ -208,12 +208,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--report", type=Path, help="print the tables of a saved --json file again (no runs)")
     args = ap.parse_args()
-    if args.report is not None:
-        saved = json.loads(args.report.read_text())
-        report([Run(**r) for r in saved["runs"]], args.targets, saved["budget_s"])
+    if reprinted(ap, args):
         return
-    if args.data_dir is None:
-        ap.error("--data-dir is required (unless --report)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_config(args.study)
     # The wall-clock budget bounds every contender alike, not the study file's trial count.

@@ -199,6 +199,18 @@ def report(runs: list[Run], targets: list[float], budget: float) -> list[dict]:
     return out
 
 
+def reprinted(ap: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """`--report FILE`: the tables of a saved run printed again (True: nothing to run). Otherwise
+    the runs need `--data-dir`."""
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        report([Run(**r) for r in saved["runs"]], args.targets, saved["budget_s"])
+        return True
+    if args.data_dir is None:
+        ap.error("--data-dir is required (unless --report)")
+    return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", help="folder of IDX files (e.g. the MNIST test set)")
@@ -212,12 +224,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--report", type=Path, help="print the tables of a saved --json file again (no runs)")
     args = ap.parse_args()
-    if args.report is not None:
-        saved = json.loads(args.report.read_text())
-        report([Run(**r) for r in saved["runs"]], args.targets, saved["budget_s"])
+    if reprinted(ap, args):
         return
-    if args.data_dir is None:
-        ap.error("--data-dir is required (unless --report)")
     if args.quick:
         args.budget, args.repeats = 10.0, 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
