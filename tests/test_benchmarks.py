@@ -109,6 +109,15 @@ def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path
     assert all(row["asks"] == 3 and row["median_ms"] > 0 and row["proposed_loss_best"] > 0 for row in rows)
 
 
+def test_worker_cost_quick_mode_times_the_tally_against_the_walk(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "worker_cost.json"
+    r = run_quick("worker_cost.py", mnist_dir, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["existing"], row["contender"]) for row in rows] == [(0, "tally"), (0, "walk"), (300, "tally"), (300, "walk")]
+    assert all(row["trials"] == 3 and row["median_ms"] > 0 for row in rows)
+    assert "| 300 | walk |" in r.stdout
+
+
 def test_peers_quick_mode_runs_hpsearch_ray_tune_and_the_optuna_script(tmp_path: Path, mnist_dir: Path) -> None:
     out = tmp_path / "peers.json"
     r = run_quick("peers.py", mnist_dir, out)
@@ -126,6 +135,23 @@ def test_peers_quick_mode_runs_hpsearch_ray_tune_and_the_optuna_script(tmp_path:
     # The samplers are seeded alike: every contender's first trial is the same configuration.
     assert len({json.dumps(run["params"][0], sort_keys=True) for run in doc["runs"]}) == 1
     assert "ray tune" in r.stdout and "optuna script" in r.stdout
+
+
+def test_peers_levers_each_change_one_default_and_two_processes_share_one_study(tmp_path: Path,
+                                                                                mnist_dir: Path) -> None:
+    out = tmp_path / "levers.json"
+    run_quick("peers.py", mnist_dir, out, "--contenders", "hpsearch", "processes2", "batch128")
+    doc = json.loads(out.read_text())
+    assert [row["contender"] for row in doc["summary"]] == [
+        "hpsearch", "hpsearch, 2 processes x 1 thread", "hpsearch, batch 128/256 only"]
+    by = {run["contender"]: run for run in doc["runs"]}
+    # Two worker processes, one study: the study's budget of 2 trials split between them, both
+    # trained for real, each epoch on the run's clock.
+    two = by["hpsearch, 2 processes x 1 thread"]
+    assert two["trials"] == 2 and two["epochs"] == 2 and len(two["params"]) == 2, two
+    assert all(0 < t < two["budget_s"] and acc > 0.5 for t, acc, _ in two["timeline"])
+    # The lever changed the space: batches of 64 are no longer drawn.
+    assert all(p["batch_size"] in (128, 256) for p in by["hpsearch, batch 128/256 only"]["params"])
 
 
 def test_mnist_rot_rotates_every_digit_by_a_seeded_angle_and_keeps_the_labels(tmp_path: Path, mnist_dir: Path) -> None:

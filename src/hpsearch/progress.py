@@ -65,10 +65,13 @@ class Display:
         self._live.update(Text(line, style="cyan"))
 
     def trial_done(self, study: optuna.Study, trial: FrozenTrial, budget: BudgetState) -> None:
-        try:
-            self._study_best = study.best_value
-        except ValueError:
-            self._study_best = None
+        if budget.best is not None:  # the worker's tally has it, without a walk over every trial
+            self._study_best = budget.best
+        else:
+            try:
+                self._study_best = study.best_value
+            except ValueError:
+                self._study_best = None
         attrs = trial.user_attrs
         state = {
             TrialState.COMPLETE: "[green]complete[/green]",

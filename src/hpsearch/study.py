@@ -165,6 +165,7 @@ class BudgetState:
     failed: int  # failed and not re-queued: they used up their slot
     running: int
     waiting: int  # re-queued trials: they run before any new one, within the budget
+    best: float | None = None  # the lowest value of a complete trial (the study minimizes)
 
     @property
     def finished(self) -> int:
@@ -174,8 +175,6 @@ class BudgetState:
     def may_start(self) -> bool:
         """Start a trial if a re-queued one waits, or if finished + running leave room."""
         return self.waiting > 0 or self.finished + self.running < self.budget
-
-
 
 
 def is_retry(t: FrozenTrial) -> bool:
@@ -188,42 +187,103 @@ def counts(t: FrozenTrial) -> bool:
     return OVER_BUDGET not in t.system_attrs
 
 
-def holds_slot(trials: list[FrozenTrial], number: int, budget: int) -> bool:
-    """Whether trial `number` holds one of the study's `budget` slots.
+class BudgetTally:
+    """The budget count and the slot check of one study, kept up to date trial by trial.
 
-    The storage numbers trials in the order it creates them, one at a time (RDBStorage locks the
-    study row to do so, and the gRPC proxy writes through it), so numbers are a total order that
-    every worker sees alike. A new trial (not a re-queued copy) holds a slot if fewer than `budget`
-    new trials came before it; later ones are over the budget, whoever checks first. A copy
-    re-runs the slot of the trial its retry chain started from, if that one held one.
+    Both are questions about every trial of the study, asked two or three times per trial by every
+    worker: walked in full, they cost 23-25 ms each at 10,000 trials. But a finished trial never
+    changes again (Optuna refuses to update it) and trials are numbered 0, 1, 2, ... as the storage
+    creates them, so the run of finished trials from trial 0 (the prefix) is tallied once, and each
+    question walks only the trials after it: the running ones and those that finished after the
+    oldest running one started. Pass the study's trials in number order
+    (`get_trials(deepcopy=False)`, as every Optuna storage returns them); a list with gaps in its
+    numbers is tallied afresh each time.
     """
-    by_number = {t.number: t for t in trials}
-    me = by_number.get(number)
-    if me is not None and is_retry(me):
-        number = me.system_attrs["retry_history"][0]
-        me = by_number.get(number)
-    if me is None or not counts(me):
-        return False
-    before = sum(1 for t in trials if t.number < number and not is_retry(t) and counts(t))
-    return before < budget
+
+    def __init__(self) -> None:
+        self._n = 0  # trials 0 .. _n-1: finished, tallied below
+        self._states = {s: 0 for s in TrialState}  # the prefix's trials that count, by state
+        self._failed: set[int] = set()  # the prefix's failed trials that count, unless re-queued
+        self._retried: set[int] = set()  # trial numbers the prefix's copies re-run
+        self._new_before = [0]  # [k]: new trials (not copies) that count among trials 0 .. k-1
+        self._best: float | None = None  # the prefix's lowest complete value
+
+    def _advance(self, trials: list[FrozenTrial]) -> None:
+        if (trials and trials[-1].number != len(trials) - 1) or len(trials) < self._n:
+            self.__init__()  # not numbered 0..N-1 (no prefix), or not this study's trials
+            return
+        while self._n < len(trials) and trials[self._n].state.is_finished():
+            t = trials[self._n]
+            self._retried.update(t.system_attrs.get("retry_history", ()))
+            if counts(t):
+                self._states[t.state] += 1
+                if t.state == TrialState.FAIL:
+                    self._failed.add(t.number)
+            self._new_before.append(self._new_before[-1] + (counts(t) and not is_retry(t)))
+            self._best = _lower(self._best, t)
+            self._n += 1
+
+    def _tail(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+        if trials and trials[-1].number != len(trials) - 1:
+            return trials
+        return trials[self._n:]
+
+    def state(self, trials: list[FrozenTrial], budget: int) -> BudgetState:
+        """The budget's state: finished trials that count (complete, pruned, failed and not
+        re-queued), running and waiting ones."""
+        self._advance(trials)
+        tail = self._tail(trials)
+        retried = self._retried | {n for t in tail for n in t.system_attrs.get("retry_history", ())}
+        count = dict(self._states)
+        count[TrialState.FAIL] -= len(self._failed & retried)
+        best = self._best
+        for t in tail:
+            best = _lower(best, t)
+            if counts(t) and not (t.state == TrialState.FAIL and t.number in retried):
+                count[t.state] += 1
+        return BudgetState(budget=budget, complete=count[TrialState.COMPLETE], pruned=count[TrialState.PRUNED],
+                           failed=count[TrialState.FAIL], running=count[TrialState.RUNNING],
+                           waiting=count[TrialState.WAITING], best=best)
+
+    def holds_slot(self, trials: list[FrozenTrial], number: int, budget: int) -> bool:
+        """Whether trial `number` holds one of the study's `budget` slots.
+
+        The storage numbers trials in the order it creates them, one at a time (RDBStorage locks
+        the study row to do so, and the gRPC proxy writes through it), so numbers are a total order
+        that every worker sees alike. A new trial (not a re-queued copy) holds a slot if fewer than
+        `budget` new trials came before it; later ones are over the budget, whoever checks first. A
+        copy re-runs the slot of the trial its retry chain started from, if that one held one.
+        """
+        self._advance(trials)
+        by_number = {t.number: t for t in self._tail(trials)}
+        me = trials[number] if self._n > number else by_number.get(number)
+        if me is not None and is_retry(me):
+            number = me.system_attrs["retry_history"][0]
+            me = trials[number] if self._n > number else by_number.get(number)
+        if me is None or not counts(me):
+            return False
+        if number <= self._n:
+            before = self._new_before[number]
+        else:
+            before = self._new_before[self._n] + sum(
+                1 for t in self._tail(trials) if t.number < number and not is_retry(t) and counts(t))
+        return before < budget
+
+
+def _lower(best: float | None, t: FrozenTrial) -> float | None:
+    if t.state != TrialState.COMPLETE or t.value is None:
+        return best
+    return t.value if best is None or t.value < best else best
+
+
+def holds_slot(trials: list[FrozenTrial], number: int, budget: int) -> bool:
+    """`BudgetTally.holds_slot` for one question (a fresh tally)."""
+    return BudgetTally().holds_slot(trials, number, budget)
 
 
 def budget_state(study: optuna.Study, budget: int) -> BudgetState:
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    count = {s: 0 for s in TrialState}
-    for t in trials:
-        if not counts(t) or (t.state == TrialState.FAIL and t.number in retried):
-            continue
-        count[t.state] += 1
-    return BudgetState(
-        budget=budget,
-        complete=count[TrialState.COMPLETE],
-        pruned=count[TrialState.PRUNED],
-        failed=count[TrialState.FAIL],
-        running=count[TrialState.RUNNING],
-        waiting=count[TrialState.WAITING],
-    )
+    """`BudgetTally.state` for one question (a fresh tally): `hpsearch status`, the report."""
+    return BudgetTally().state(study.get_trials(deepcopy=False), budget)
 
 
 def study_deadline(study: optuna.Study, timeout_minutes: float | None) -> float | None:

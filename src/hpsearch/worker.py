@@ -34,7 +34,7 @@ from hpsearch.progress import Display
 from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
 from hpsearch.signals import StopRequest
 from hpsearch.storage import RetryingStorage, StorageStopped, artifact_store, open_storage, redact
-from hpsearch.study import BudgetState, budget_state, check_split, holds_slot, open_study, study_deadline
+from hpsearch.study import BudgetState, BudgetTally, check_split, open_study, study_deadline
 from hpsearch.train import Interrupted
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
@@ -159,7 +159,8 @@ def trial_loop(
     the model; the storage benchmark drives it with a trivial objective (benchmarks/scaling.py)."""
     sweeper = Sweeper(study, storage, cfg.storage.grace_period, min_interval=cfg.storage.heartbeat_interval,
                       max_retry=cfg.storage.max_retry)
-    slot = _Slot(objective, storage, study, cfg)
+    tally = BudgetTally()  # the budget count and the slot check without walking every trial each time
+    slot = _Slot(objective, storage, study, cfg, tally)
     sweeper.sweep()  # a search whose only worker died recovers as soon as any worker comes back
     deadline = study_deadline(study, cfg.budget.timeout_minutes)
     poll_s = min(cfg.storage.heartbeat_interval, 5)
@@ -186,7 +187,8 @@ def trial_loop(
             swept = sweeper.sweep()
             # The count taken just after this worker's last trial (for the display) is as current as
             # a new one, unless a sweep has failed trials since: one query less per trial.
-            budget = after_last if after_last is not None and not swept else budget_state(study, cfg.budget.n_trials)
+            budget = (after_last if after_last is not None and not swept
+                      else tally.state(study.get_trials(deepcopy=False), cfg.budget.n_trials))
             after_last = None
             if not budget.may_start:
                 if budget.running == 0 and looked_done:
@@ -249,7 +251,7 @@ def trial_loop(
             if trial.state == TrialState.FAIL and objective.interrupted == trial.number:
                 requeue(study, trial)
                 display.note(f"trial {trial.number} {trial.user_attrs.get('stop_reason', 'stopped')}; re-queued")
-            after_last = budget_state(study, cfg.budget.n_trials)
+            after_last = tally.state(study.get_trials(deepcopy=False), cfg.budget.n_trials)
             display.trial_done(study, trial, after_last)
     except Exception as e:
         # A stop during a storage outage: the wait ended at once; the running trial, if any, is
@@ -283,8 +285,9 @@ class _Slot:
     failed at once, before any training, and does not count."""
 
     def __init__(self, objective: Objective, storage: RetryingStorage, study: optuna.Study,
-                 cfg: StudyConfig) -> None:
+                 cfg: StudyConfig, tally: BudgetTally) -> None:
         self.objective = objective
+        self.tally = tally
         self.storage = storage
         self.study = study
         self.cfg = cfg
@@ -295,7 +298,7 @@ class _Slot:
         lease = Lease(self.storage, tid, self.cfg.storage.heartbeat_interval).start()
         try:
             trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
-            if not holds_slot(trials, trial.number, self.cfg.budget.n_trials):
+            if not self.tally.holds_slot(trials, trial.number, self.cfg.budget.n_trials):
                 self.storage.set_trial_system_attr(tid, OVER_BUDGET, True)
                 raise OverBudget(f"trial {trial.number} is past the budget of {self.cfg.budget.n_trials}")
             return self.objective(trial)
