@@ -16,7 +16,8 @@ the samplers are seeded alike (TPE's first draws are then the same configuration
 starts before loading the data (for Ray: before `ray.init`). The contenders alternate in every
 repeat; each run records the 1-minute load average before and after it, so noise from other work
 on the machine shows. The study's trial budget is lifted: the wall-clock budget is the only bound.
-`--contenders hpsearch hyperband none` runs hpsearch with each pruner (a "lever").
+`--contenders hpsearch processes2 startup4 no-early-stop batch128 hyperband none` runs hpsearch
+with one default changed in each (the "levers", `LEVERS`).
 
     uv run python benchmarks/peers.py --data-dir ../shared/data/mnist-t10k --budget 300 --repeats 3 \\
         --json benchmarks/results/peers.json
@@ -34,6 +35,9 @@ import io
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -59,13 +63,35 @@ from ray.tune.search.optuna import OptunaSearch
 from hpsearch.config import SearchSpace, StudyConfig, TrainingConfig, load_config
 from hpsearch.data import SearchData, load_search_data
 from hpsearch.objective import suggest_hparams
+from hpsearch.recovery import OVER_BUDGET
 from hpsearch.study import sampler_seed
 
 from machine import machine
 from search_efficiency import REPO, Run, _fmt_s, hpsearch_run, reprinted, report, seed_style_trial
 
 CONTENDERS = ("hpsearch", "ray tune", "optuna script")
-PRUNER_VARIANTS = {"hyperband": "hpsearch, hyperband pruner", "none": "hpsearch, no pruner"}
+
+
+def _with(cfg: StudyConfig, section: str, **values: Any) -> StudyConfig:
+    """`cfg` with `values` set in one of its sections."""
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
+# The levers: hpsearch with one default changed, each a row of its own (`--contenders hpsearch
+# processes2 startup4 ...`). A lever names the change and how to make it on the study's config.
+LEVERS: dict[str, tuple[str, Any]] = {
+    "hyperband": ("hpsearch, hyperband pruner", lambda c: _with(c, "pruner", type="hyperband")),
+    "none": ("hpsearch, no pruner", lambda c: _with(c, "pruner", type="none")),
+    # Two worker processes of one thread each on one study, as `hpsearch worker --processes 2`
+    # runs them on a 2-core node, against the default: one worker with both cores.
+    "processes2": ("hpsearch, 2 processes x 1 thread", lambda c: c),
+    "startup4": ("hpsearch, 4 startup trials", lambda c: _with(c, "sampler", n_startup_trials=4)),
+    # Early stopping off: patience as long as the trial.
+    "no-early-stop": ("hpsearch, no early stopping", lambda c: _with(c, "training", patience=c.training.max_epochs)),
+    # The smallest batch out of the space: its fixed cost per step is paid twice as often.
+    "batch128": ("hpsearch, batch 128/256 only",
+                 lambda c: _with(c, "search", batch_size=c.search.batch_size.model_copy(update={"choices": (128, 256)}))),
+}
 
 
 def study_seed(cfg: StudyConfig, seed: int) -> int:
@@ -169,6 +195,45 @@ def ray_tune_run(cfg: StudyConfig, data_dir: str, seed: int, budget: float, work
     return run
 
 
+def hpsearch_processes_run(cfg: StudyConfig, data_dir: str, seed: int, budget: float, workdir: Path,
+                           processes: int) -> Run:
+    """`processes` hpsearch workers of `cores // processes` threads each on one fresh SQLite study,
+    each a process of its own (`worker_child.py`: what `hpsearch worker --processes K` starts),
+    stopped with SIGTERM at the end of the budget. Worker 0's sampler is seeded as the single
+    worker's; the others' apart, as on a node."""
+    run = Run("hpsearch", seed, budget)
+    start_wall = time.time()
+    cfg = _with(cfg, "sampler", seed=seed)
+    url = f"sqlite:///{workdir / f'hpsearch-{seed}.db'}"
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    children = []
+    for i in range(processes):
+        spec, out = workdir / f"spec-{seed}-{i}.json", workdir / f"timeline-{seed}-{i}.json"
+        spec.write_text(json.dumps(dict(cfg=cfg.model_dump(mode="json"), storage_url=url, data_dir=data_dir,
+                                        worker_index=i, threads=threads, start_wall=start_wall,
+                                        budget=budget, out=str(out))))
+        children.append((subprocess.Popen([sys.executable, str(Path(__file__).with_name("worker_child.py")),
+                                           str(spec)]), out))
+    for child, _ in children:
+        try:
+            child.wait(timeout=max(start_wall + budget - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGTERM)  # the worker's own stop: the trial is re-queued
+    for child, out in children:
+        if child.wait() != 0:
+            raise RuntimeError(f"worker_child.py exited with {child.returncode}")
+        record = json.loads(out.read_text())
+        run.timeline += [tuple(row) for row in record["timeline"]]
+        run.trials += record["trials"]
+    run.timeline.sort()
+    run.epochs = len(run.timeline)
+    study = optuna.load_study(study_name=cfg.study.name, storage=url)
+    # Not the trials refused at the start for lack of a budget slot (two workers raced for it).
+    run.params = [t.params for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+                  if OVER_BUDGET not in t.system_attrs]
+    return run
+
+
 def measured(fn, *args) -> Run:
     """`fn(*args)`, with the 1-minute load average before and after (other work on the machine)."""
     before = os.getloadavg()[0]
@@ -180,11 +245,14 @@ def measured(fn, *args) -> Run:
 def one_run(who: str, cfg: StudyConfig, args: argparse.Namespace, rep: int, tmp: Path) -> Run:
     if who == "hpsearch":
         return measured(hpsearch_run, cfg, args.data_dir, rep, args.budget, tmp)
-    if who in PRUNER_VARIANTS.values():
-        kind = next(k for k, v in PRUNER_VARIANTS.items() if v == who)
-        variant = cfg.model_copy(update={"pruner": cfg.pruner.model_copy(update={"type": kind})})
-        (tmp / kind).mkdir(exist_ok=True)
-        run = measured(hpsearch_run, variant, args.data_dir, rep, args.budget, tmp / kind)
+    lever = next((k for k, (label, _) in LEVERS.items() if label == who), None)
+    if lever is not None:
+        variant = LEVERS[lever][1](cfg)
+        (tmp / lever).mkdir(exist_ok=True)
+        if lever == "processes2":
+            run = measured(hpsearch_processes_run, variant, args.data_dir, rep, args.budget, tmp / lever, 2)
+        else:
+            run = measured(hpsearch_run, variant, args.data_dir, rep, args.budget, tmp / lever)
         run.contender = who
         return run
     if who == "ray tune":
@@ -202,7 +270,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=300.0, help="seconds per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS),
-                    choices=list(CONTENDERS) + list(PRUNER_VARIANTS), help="who runs, in this order")
+                    choices=list(CONTENDERS) + list(LEVERS), help="who runs, in this order (levers: hpsearch "
+                    "with one default changed)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="Ray's num_cpus (one trial per CPU)")
     ap.add_argument("--quick", action="store_true", help="two one-epoch trials each: checks the script runs")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -219,7 +288,7 @@ def main() -> None:
         args.budget, args.repeats, args.trials = 600.0, 1, 2
         cfg = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"n_trials": 2}),
                                      "training": cfg.training.model_copy(update={"max_epochs": 1})})
-    names = [PRUNER_VARIANTS.get(c, c) for c in args.contenders]
+    names = [LEVERS[c][0] if c in LEVERS else c for c in args.contenders]
 
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="hpsearch-peers-") as tmp:

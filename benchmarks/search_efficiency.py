@@ -177,11 +177,12 @@ def report(runs: list[Run], targets: list[float], budget: float) -> list[dict]:
     out = []
     for target in targets:
         rows = [summarize(runs, c, target, budget) for c in contenders]
+        width = max(22, *(len(c) + 2 for c in contenders))
         print()
-        print(f"{'contender':<22}{'to ' + format(target, '.1%') + ' (median s)':>24}{'reached':>9}"
+        print(f"{'contender':<{width}}{'to ' + format(target, '.1%') + ' (median s)':>24}{'reached':>9}"
               f"{'best in ' + format(budget, '.0f') + ' s':>16}{'trials':>14}")
         for row in rows:
-            print(f"{row['contender']:<22}{_fmt_s(row['median_time_to_target_s'], budget):>24}"
+            print(f"{row['contender']:<{width}}{_fmt_s(row['median_time_to_target_s'], budget):>24}"
                   f"{row['reached']:>6}/{repeats}{row['median_best_in_budget']:>16.2%}"
                   f"{'/'.join(map(str, row['trials'])):>14}")
         # A peer that missed counts as the budget: the ratio is then a lower bound.
