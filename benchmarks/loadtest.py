@@ -25,6 +25,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 import secrets
 import sys
 import threading
@@ -149,10 +150,37 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
     pool = [threading.Thread(target=worker, args=(first_index + i,)) for i in range(threads)]
     for t in pool:
         t.start()
+    go.wait()
+    cpu0 = time.process_time()  # this process's CPU (all its threads) from the start signal on
     for t in pool:
         t.join()
+    cpu = time.process_time() - cpu0
     storage.close()
-    Path(out).write_text(json.dumps(rows))
+    Path(out).write_text(json.dumps({"rows": rows, "cpu_s": cpu}))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of these processes and of their children that have ended (utime + stime + cutime
+    + cstime from /proc: a PostgreSQL backend's time goes to the postmaster's when it exits)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # fields 14-17 of proc(5)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().split(" ", 2)[1] == "(postgres)":
+                pids.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return pids
 
 
 def refused(pg_url: str, name: str) -> int:
@@ -201,7 +229,7 @@ def with_history(cfg, history: int):
 
 
 def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
-        history: int) -> dict:
+        history: int, proxy_pid: int) -> dict:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     n_proc = max(1, workers // per_process)
@@ -223,16 +251,25 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     time.sleep(2 + n_proc)  # imports: the clock starts with the processes ready
     watcher = threading.Thread(target=watch)
     watcher.start()
+    servers = {"proxy": [proxy_pid], "database": postgres_pids()}
+    server_cpu0 = {k: cpu_seconds(v) for k, v in servers.items()}
     start = time.perf_counter()
     go.set()
     for p in procs:
         p.join()
     wall = time.perf_counter() - start
+    server_cpu = {k: cpu_seconds(v) - server_cpu0[k] for k, v in servers.items()}
     watching.set()
     watcher.join()
     if any(p.exitcode for p in procs):
         sys.exit(f"load test processes failed: {[p.exitcode for p in procs]}")
-    rows = [r for o in outs for r in json.loads(o.read_text())]
+    done = [json.loads(o.read_text()) for o in outs]
+    rows = [r for d in done for r in d["rows"]]
+    # Where the CPU went, per trial: the simulated workers' processes, the proxy, PostgreSQL. With
+    # every worker on a node of its own, the workers' share is spread over W nodes and the proxy's
+    # (one process) and the database's are what the fleet waits on.
+    cpu = {"workers": sum(d["cpu_s"] for d in done), **server_cpu}
+    per_trial = {k: round(1000 * v / max(len(rows), 1), 1) for k, v in cpu.items()}
     reader = open_storage(pg_url)
     trials = optuna.load_study(study_name=name, storage=reader).get_trials(deepcopy=False)
     reader.close()
@@ -248,6 +285,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         "tell_p50_ms": ms(tells, 0.5), "tell_p99_ms": ms(tells, 0.99),
         "trial_p50_ms": ms([r["trial"] for r in rows], 0.5),
         "db_connections_peak": peak[0],
+        "cpu_ms_per_trial": per_trial,
         "overshoot": len(counted) - budget,
         "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials) - refused_before,
         "unfinished": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
@@ -286,7 +324,8 @@ def main() -> None:
                     for w in args.workers:
                         for history in args.history:
                             budget = done + new_trials(w)
-                            row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp, history)
+                            row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp, history,
+                                      proxy.proc.pid)
                             done = budget
                             row.update(existing=existing, via=via, populate_s=round(populate_s, 1),
                                        load_average=[round(x, 2) for x in __import__("os").getloadavg()])
@@ -315,15 +354,20 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     head = ("| existing | via | W | procs | TPE models | trials/s | ask p50 / p99 ms | tell p50 / p99 ms | "
-            "trial p50 ms | DB connections | overshoot | refused |")
-    lines = [head, "|" + " --- |" * 12]
+            "trial p50 ms | DB connections | overshoot | refused | CPU ms per trial: workers / proxy / DB |")
+    lines = [head, "|" + " --- |" * 13]
     for r in rows:
         lines.append(f"| {r['existing']:,} | {r['via']} | {r['workers']} | {r['processes']} | "
                      f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "
                      f"{r['ask_p50_ms']} / {r['ask_p99_ms']} | {r['tell_p50_ms']} / {r['tell_p99_ms']} | "
                      f"{r['trial_p50_ms']} | {r['db_connections_peak']} | {r['overshoot']} | "
-                     f"{r['refused_over_budget']} |")
+                     f"{r['refused_over_budget']} | {_cpu(r)} |")
     return "\n".join(lines)
+
+
+def _cpu(r: dict) -> str:
+    c = r.get("cpu_ms_per_trial")  # not in the runs saved before it was measured
+    return "-" if c is None else f"{c['workers']} / {c['proxy']} / {c['database']}"
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
         assert row["trials"] >= 1 and row["trials_per_s"] > 0 and row["ask_p50_ms"] > 0
         assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
         assert row["db_connections_peak"] >= 1
+        # Where the CPU went: the workers and PostgreSQL always work, the proxy when it is used.
+        cpu = row["cpu_ms_per_trial"]
+        assert cpu["workers"] > 0 and cpu["database"] > 0 and cpu["proxy"] >= 0, row
+        assert row["via"] == "postgresql" or cpu["proxy"] > 0, row
     assert "| existing | via |" in r.stdout
 
 
