@@ -223,16 +223,11 @@ class BudgetTally:
             self._best = _lower(self._best, t)
             self._n += 1
 
-    def _tail(self, trials: list[FrozenTrial]) -> list[FrozenTrial]:
-        if trials and trials[-1].number != len(trials) - 1:
-            return trials
-        return trials[self._n:]
-
     def state(self, trials: list[FrozenTrial], budget: int) -> BudgetState:
         """The budget's state: finished trials that count (complete, pruned, failed and not
         re-queued), running and waiting ones."""
         self._advance(trials)
-        tail = self._tail(trials)
+        tail = trials[self._n:]  # all of them when the list has gaps (_advance kept no prefix)
         retried = self._retried | {n for t in tail for n in t.system_attrs.get("retry_history", ())}
         count = dict(self._states)
         count[TrialState.FAIL] -= len(self._failed & retried)
@@ -255,7 +250,8 @@ class BudgetTally:
         copy re-runs the slot of the trial its retry chain started from, if that one held one.
         """
         self._advance(trials)
-        by_number = {t.number: t for t in self._tail(trials)}
+        tail = trials[self._n:]
+        by_number = {t.number: t for t in tail}
         me = trials[number] if self._n > number else by_number.get(number)
         if me is not None and is_retry(me):
             number = me.system_attrs["retry_history"][0]
@@ -266,7 +262,7 @@ class BudgetTally:
             before = self._new_before[number]
         else:
             before = self._new_before[self._n] + sum(
-                1 for t in self._tail(trials) if t.number < number and not is_retry(t) and counts(t))
+                1 for t in tail if t.number < number and not is_retry(t) and counts(t))
         return before < budget
 
 
@@ -274,11 +270,6 @@ def _lower(best: float | None, t: FrozenTrial) -> float | None:
     if t.state != TrialState.COMPLETE or t.value is None:
         return best
     return t.value if best is None or t.value < best else best
-
-
-def holds_slot(trials: list[FrozenTrial], number: int, budget: int) -> bool:
-    """`BudgetTally.holds_slot` for one question (a fresh tally)."""
-    return BudgetTally().holds_slot(trials, number, budget)
 
 
 def budget_state(study: optuna.Study, budget: int) -> BudgetState:

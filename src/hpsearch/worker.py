@@ -2,7 +2,7 @@
 
 Any number of workers, on any number of machines, run this against one storage. A trial is
 asked for only while `finished + running < budget` (re-queued trials first), and a new trial then
-claims its slot (`study.holds_slot`) before it trains, so the study ends with exactly its budget
+claims its slot (`BudgetTally.holds_slot`) before it trains, so the study ends with exactly its budget
 whoever runs the trials. When the budget
 is taken but other workers' trials still run, a worker waits instead of leaving: if one of those
 workers dies, its trial is re-queued and someone must be there to finish it.
@@ -281,7 +281,7 @@ class OverBudget(Exception):
 
 class _Slot:
     """The objective as the worker runs it: hold a lease on the trial while it runs, and first
-    claim its slot of the budget (`study.holds_slot`); a trial past the budget is marked and
+    claim its slot of the budget (`BudgetTally.holds_slot`); a trial past the budget is marked and
     failed at once, before any training, and does not count."""
 
     def __init__(self, objective: Objective, storage: RetryingStorage, study: optuna.Study,
