@@ -115,7 +115,7 @@ def populate_part(url: str, name: str, n: int, seed: int) -> None:
 
 
 def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str,
-            history: int) -> None:
+            history: int, train_s: float = 0.0) -> None:
     """One process of `threads` simulated workers sharing one storage."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = with_history(overhead_config(name, budget), history)
@@ -124,7 +124,7 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
 
     def worker(i: int) -> None:
         study = open_study(cfg, storage, worker_index=i)
-        objective = Timed(TrivialObjective(cfg))
+        objective = Timed(TrivialObjective(cfg, train_s=train_s))
         started: list[float] = []
         ended: list[float] = []
         optimize = study.optimize
@@ -145,7 +145,8 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
             inside = [(a, b) for a, b in zip(objective.entered, objective.left) if s <= a <= e]
             if inside:
                 a, b = inside[0]
-                rows.append({"ask": a - s, "tell": e - b, "trial": e - s})
+                # overhead: the trial's time in the worker loop that was not its (slept) training
+                rows.append({"ask": a - s, "tell": e - b, "trial": e - s, "overhead": e - s - train_s})
 
     pool = [threading.Thread(target=worker, args=(first_index + i,)) for i in range(threads)]
     for t in pool:
@@ -229,14 +230,14 @@ def with_history(cfg, history: int):
 
 
 def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
-        history: int, proxy_pid: int) -> dict:
+        history: int, proxy_pid: int | None, train_s: float = 0.0) -> dict:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     n_proc = max(1, workers // per_process)
     outs = [tmp / f"{name}-{workers}-{i}.json" for i in range(n_proc)]
     procs = [ctx.Process(target=process, args=(url, name, budget, i * per_process,
                                                workers // n_proc + (i < workers % n_proc), go, str(o),
-                                               history))
+                                               history, train_s))
              for i, o in enumerate(outs)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
@@ -251,7 +252,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     time.sleep(2 + n_proc)  # imports: the clock starts with the processes ready
     watcher = threading.Thread(target=watch)
     watcher.start()
-    servers = {"proxy": [proxy_pid], "database": postgres_pids()}
+    servers = {"proxy": [proxy_pid] if proxy_pid else [], "database": postgres_pids()}
     server_cpu0 = {k: cpu_seconds(v) for k, v in servers.items()}
     start = time.perf_counter()
     go.set()
@@ -283,7 +284,10 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         "trials_per_s": round(len(rows) / wall, 2),
         "ask_p50_ms": ms(asks, 0.5), "ask_p99_ms": ms(asks, 0.99),
         "tell_p50_ms": ms(tells, 0.5), "tell_p99_ms": ms(tells, 0.99),
-        "trial_p50_ms": ms([r["trial"] for r in rows], 0.5),
+        "trial_p50_ms": ms([r["trial"] for r in rows], 0.5), "train_s": train_s,
+        "overhead_p50_ms": ms([r["overhead"] for r in rows], 0.5),
+        "overhead_p90_ms": ms([r["overhead"] for r in rows], 0.9),
+        "overhead_p99_ms": ms([r["overhead"] for r in rows], 0.99),
         "db_connections_peak": peak[0],
         "cpu_ms_per_trial": per_trial,
         "overshoot": len(counted) - budget,
@@ -300,6 +304,16 @@ def main() -> None:
     p.add_argument("--threads-per-process", type=int, default=8)
     p.add_argument("--history", type=int, nargs="+", default=[1000],
                    help="[sampler] history values to run (0: TPE on every trial); several alternate")
+    p.add_argument("--paths", nargs="+", choices=["postgresql", "proxy"], default=["postgresql", "proxy"])
+    p.add_argument("--refresh", type=float, nargs="+", default=[5.0],
+                   help="`hpsearch proxy --refresh` values (0: every read goes to the database, as "
+                   "Optuna's cached storage alone does); several alternate, one proxy each")
+    p.add_argument("--train-s", type=float, default=0.0,
+                   help="each trial sleeps this long in all (its training, without CPU): the fleet then asks "
+                   "at a real fleet's pace, and `overhead` is a trial's time in the loop minus this")
+    p.add_argument("--trials-per-worker", type=float, default=None,
+                   help="new trials per run, per worker (default: W + 16 per run)")
+    p.add_argument("--repeats", type=int, default=1, help="repeats of every run; the order alternates")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--database", help="keep the studies in this PostgreSQL database (created if missing, "
                    "not dropped) and reuse a study of the same size from an earlier run")
@@ -307,33 +321,45 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.workers, args.existing = [8], [0, 20]
-    new_trials = (lambda w: 8) if args.quick else (lambda w: w + 16)  # every worker gets a trial
+    if args.trials_per_worker:
+        new_trials = lambda w: int(round(args.trials_per_worker * w))  # noqa: E731
+    else:
+        new_trials = (lambda w: 8) if args.quick else (lambda w: w + 16)  # every worker gets a trial
     tmp = Path(__import__("tempfile").mkdtemp(prefix="hpsearch-load-"))
+    contenders = ([("postgresql", None)] if "postgresql" in args.paths else []) + \
+                 ([("proxy", r) for r in args.refresh] if "proxy" in args.paths else [])
     results = []
     with (kept_database(args.database) if args.database else pg_database()) as pg_url:
         open_storage(pg_url).close()  # the tables, before the proxy opens the database too
-        proxy = Proxy(pg_url, tmp / "proxy.log").start()
-        try:
-            for existing in args.existing:
-                name = f"load-{existing}" if args.database else f"load-{existing}-{secrets.token_hex(2)}"
-                done = counted_so_far(pg_url, name)
-                populate_s = populate(pg_url, name, existing) if existing and done is None else 0.0
-                print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
-                done = counted_so_far(pg_url, name) or existing
-                for via, url in (("postgresql", pg_url), ("proxy", proxy.url)):
+        for existing in args.existing:
+            name = f"load-{existing}" if args.database else f"load-{existing}-{secrets.token_hex(2)}"
+            done = counted_so_far(pg_url, name)
+            populate_s = populate(pg_url, name, existing) if existing and done is None else 0.0
+            print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
+            done = counted_so_far(pg_url, name) or existing
+            for repeat in range(args.repeats):
+                for via, refresh in (contenders if repeat % 2 == 0 else contenders[::-1]):
                     for w in args.workers:
                         for history in args.history:
                             budget = done + new_trials(w)
-                            row = run(url, pg_url, name, budget, w, args.threads_per_process, tmp, history,
-                                      proxy.proc.pid)
+                            proxy = None if via == "postgresql" else Proxy(
+                                pg_url, tmp / "proxy.log", args=("--refresh", str(refresh))).start()
+                            try:
+                                if proxy is not None:  # its first read of the whole study, not timed
+                                    counted_so_far(proxy.url, name)
+                                row = run(pg_url if proxy is None else proxy.url, pg_url, name, budget, w,
+                                          args.threads_per_process, tmp, history,
+                                          None if proxy is None else proxy.proc.pid, args.train_s)
+                            finally:
+                                if proxy is not None:
+                                    proxy.stop()
                             done = budget
-                            row.update(existing=existing, via=via, populate_s=round(populate_s, 1),
+                            row.update(existing=existing, via=via, refresh=refresh, repeat=repeat,
+                                       populate_s=round(populate_s, 1),
                                        load_average=[round(x, 2) for x in __import__("os").getloadavg()])
                             results.append(row)
                             print(json.dumps(row), flush=True)
                             save(args, results)  # row by row: a run cut short keeps what it measured
-        finally:
-            proxy.stop()
     print(table(results))
 
 
@@ -343,6 +369,11 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
         command += f" --workers {' '.join(map(str, args.workers))} --existing {' '.join(map(str, args.existing))}"
     if args.history != [1000]:
         command += f" --history {' '.join(map(str, args.history))}"
+    for flag, value, default in (("--paths", args.paths, ["postgresql", "proxy"]), ("--refresh", args.refresh, [5.0]),
+                                 ("--train-s", args.train_s, 0.0), ("--trials-per-worker", args.trials_per_worker, None),
+                                 ("--repeats", args.repeats, 1)):
+        if value != default:
+            command += f" {flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
     if args.database:
         command += f" --database {args.database}"
     doc = {"machine": machine(), "load_average": list(__import__("os").getloadavg()),
@@ -354,13 +385,16 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
 
 def table(rows: list[dict]) -> str:
     head = ("| existing | via | W | procs | TPE models | trials/s | ask p50 / p99 ms | tell p50 / p99 ms | "
-            "trial p50 ms | DB connections | overshoot | refused | CPU ms per trial: workers / proxy / DB |")
-    lines = [head, "|" + " --- |" * 13]
+            "trial p50 ms | overhead p50 / p90 ms | DB connections | overshoot | refused | "
+            "CPU ms per trial: workers / proxy / DB |")
+    lines = [head, "|" + " --- |" * 14]
     for r in rows:
-        lines.append(f"| {r['existing']:,} | {r['via']} | {r['workers']} | {r['processes']} | "
+        via = r["via"] if r.get("refresh") is None else f"proxy, refresh {r['refresh']:g} s"
+        over = f"{r['overhead_p50_ms']} / {r['overhead_p90_ms']}" if "overhead_p50_ms" in r else "-"
+        lines.append(f"| {r['existing']:,} | {via} | {r['workers']} | {r['processes']} | "
                      f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "
                      f"{r['ask_p50_ms']} / {r['ask_p99_ms']} | {r['tell_p50_ms']} / {r['tell_p99_ms']} | "
-                     f"{r['trial_p50_ms']} | {r['db_connections_peak']} | {r['overshoot']} | "
+                     f"{r['trial_p50_ms']} | {over} | {r['db_connections_peak']} | {r['overshoot']} | "
                      f"{r['refused_over_budget']} | {_cpu(r)} |")
     return "\n".join(lines)
 

@@ -241,15 +241,18 @@ class TrivialObjective:
     taken_over = None  # what the worker loop asks of an objective (see hpsearch.objective)
     interrupted = None
 
-    def __init__(self, cfg, epochs: int = 3) -> None:
+    def __init__(self, cfg, epochs: int = 3, train_s: float = 0.0) -> None:
         self.cfg = cfg
         self.epochs = epochs
+        self.train_s = train_s  # a trial's training, slept (no CPU) in equal parts before each report
 
     def __call__(self, trial: optuna.Trial) -> float:
         hp = suggest_hparams(trial, self.cfg.search)
         set_user_attrs(trial, trivial_attrs(hp))  # as hpsearch.objective does: one transaction
         loss = made_up_loss(hp)
         for epoch in range(1, self.epochs + 1):
+            if self.train_s:
+                time.sleep(self.train_s / self.epochs)
             trial.set_user_attr("epoch_checkpoint", {"artifact": "-", "trial": trial.number, "epoch": epoch})
             trial.report(loss * (1 + 1 / epoch), epoch)
             if trial.should_prune():

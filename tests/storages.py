@@ -79,8 +79,9 @@ def free_port() -> int:
 class Proxy:
     """`hpsearch proxy` in front of `backend_url`, as a real process; restartable on its port."""
 
-    def __init__(self, backend_url: str, log: Path, port: int | None = None) -> None:
+    def __init__(self, backend_url: str, log: Path, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.backend_url = backend_url
+        self.args = args  # more options of `hpsearch proxy`
         self.port = port or free_port()
         self.url = f"grpc://127.0.0.1:{self.port}"
         self.log = log
@@ -90,7 +91,7 @@ class Proxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HPSEARCH_")}
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
-                hpsearch_cmd("proxy", "--storage", self.backend_url, "--port", str(self.port)),
+                hpsearch_cmd("proxy", "--storage", self.backend_url, "--port", str(self.port), *self.args),
                 env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

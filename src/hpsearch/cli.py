@@ -51,6 +51,7 @@ def _number(kind: type, what: str, ok: Callable[[float], bool]) -> Callable[[str
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _non_negative_int = _number(int, "an integer >= 0", lambda v: v >= 0)
 _positive_float = _number(float, "a positive number", lambda v: v > 0)
+_non_negative_float = _number(float, "a finite number >= 0", lambda v: 0 <= v < float("inf"))
 _port = _number(int, "a port number in 1..65535", lambda v: 1 <= v <= 65535)
 
 
@@ -174,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests served at once, and at most as many database connections (default: 16)")
     x.add_argument("--reconnect-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="how long to wait out a database outage before a request fails (default: 600)")
+    x.add_argument("--refresh", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                   help="re-read trials written by others (another proxy, a worker on the database "
+                   "itself) at most this old; this proxy's own writes and new trials are seen at once "
+                   "(default: 5)")
     return parser
 
 
@@ -253,7 +258,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     from hpsearch.storage import resolve_url
 
     _log_to_stderr("")
-    serve(ProxyOptions(resolve_url(args.storage), args.host, args.port, args.threads, args.reconnect_timeout),
+    serve(ProxyOptions(resolve_url(args.storage), args.host, args.port, args.threads, args.reconnect_timeout,
+                       args.refresh),
           say=lambda line: print(f"hpsearch: {line}", flush=True))
     return 0
 
