@@ -14,6 +14,13 @@ tell: from the objective's return until `optimize` returns), the most connection
 database seen in `pg_stat_activity`, and the budget overshoot (trials counted beyond the budget:
 must be 0) with the number of over-budget claims refused.
 
+Paced runs (`--train-s S`): each trial also sleeps S seconds in all (its training, without CPU),
+and the workers join one after another over S seconds, so the storage sees a real fleet's pace
+instead of 64 workers asking at once on two cores; `overhead` is then a trial's time in the
+worker loop minus S, what a worker loses per trial to the search machinery.
+`--refresh` runs the proxy with several `hpsearch proxy --refresh` values, one proxy each (0: every
+read goes to the database, as Optuna's cached storage alone does).
+
     uv run python benchmarks/loadtest.py            # the full table (about 10 minutes on 2 cores)
     uv run python benchmarks/loadtest.py --quick    # 8 workers, 8 trials on 0 and 20: a few seconds of work
 """
@@ -115,7 +122,7 @@ def populate_part(url: str, name: str, n: int, seed: int) -> None:
 
 
 def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str,
-            history: int, train_s: float = 0.0) -> None:
+            history: int, train_s: float = 0.0, stagger_s: float = 0.0) -> None:
     """One process of `threads` simulated workers sharing one storage."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = with_history(overhead_config(name, budget), history)
@@ -138,6 +145,7 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
 
         study.optimize = timed_optimize  # instrumentation only: the loop is hpsearch's own
         go.wait()
+        time.sleep(i * stagger_s)  # paced runs: workers join one after another, as a fleet's nodes do
         trial_loop(study, storage, cfg, objective, Display(Console(file=io.StringIO()), live=False),
                    StopRequest())
         # Trials refused as over budget never enter the objective: pair only the ones that did.
@@ -230,15 +238,24 @@ def with_history(cfg, history: int):
 
 
 def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
-        history: int, proxy_pid: int | None, train_s: float = 0.0) -> dict:
+        history: int, proxy_pid: int | None, train_s: float = 0.0, solo: bool = False,
+        solo_train_s: float | None = None) -> dict:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
-    n_proc = max(1, workers // per_process)
-    outs = [tmp / f"{name}-{workers}-{i}.json" for i in range(n_proc)]
-    procs = [ctx.Process(target=process, args=(url, name, budget, i * per_process,
-                                               workers // n_proc + (i < workers % n_proc), go, str(o),
-                                               history, train_s))
-             for i, o in enumerate(outs)]
+    # `solo`: worker 0 alone in a process of its own, as a real worker is: its figures are a real
+    # worker's in a fleet of this size (the others share a process, and its GIL, 8 at a time).
+    sizes = [1] if solo else []
+    rest = workers - len(sizes)
+    n_proc = max(1, rest // per_process)
+    sizes += [rest // n_proc + (i < rest % n_proc) for i in range(n_proc)]
+    firsts = [sum(sizes[:i]) for i in range(len(sizes))]
+    outs = [tmp / f"{name}-{workers}-{i}.json" for i in range(len(sizes))]
+    paces = [train_s] * len(sizes)
+    if solo and solo_train_s is not None:
+        paces[0] = solo_train_s  # shorter trials: more of them measured, at the fleet's pace of the rest
+    procs = [ctx.Process(target=process, args=(url, name, budget, first, size, go, str(o),
+                                               history, pace, train_s / workers))
+             for first, size, o, pace in zip(firsts, sizes, outs, paces)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
         p.start()
@@ -280,7 +297,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
     asks, tells = [r["ask"] for r in rows], [r["tell"] for r in rows]
     return {
-        "workers": workers, "processes": n_proc, "history": history, "trials": len(rows), "wall_s": round(wall, 2),
+        "workers": workers, "processes": len(sizes), "history": history, "trials": len(rows), "wall_s": round(wall, 2),
         "trials_per_s": round(len(rows) / wall, 2),
         "ask_p50_ms": ms(asks, 0.5), "ask_p99_ms": ms(asks, 0.99),
         "tell_p50_ms": ms(tells, 0.5), "tell_p99_ms": ms(tells, 0.99),
@@ -293,7 +310,20 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         "overshoot": len(counted) - budget,
         "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials) - refused_before,
         "unfinished": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
+        **(solo_figures(done[0]) if solo else {}),
     }
+
+
+def solo_figures(out: dict) -> dict:
+    """The worker alone in its process: its trials, their overhead, its own CPU per trial."""
+    rows = out["rows"]
+    ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
+    return {"solo_trials": len(rows),
+            "solo_overhead_p50_ms": ms([r["overhead"] for r in rows], 0.5),
+            "solo_overhead_max_ms": ms([r["overhead"] for r in rows], 1.0),
+            "solo_ask_p50_ms": ms([r["ask"] for r in rows], 0.5),
+            "solo_tell_p50_ms": ms([r["tell"] for r in rows], 0.5),
+            "solo_cpu_ms_per_trial": round(1000 * out["cpu_s"] / max(len(rows), 1), 1)}
 
 
 def main() -> None:
@@ -314,6 +344,10 @@ def main() -> None:
     p.add_argument("--trials-per-worker", type=float, default=None,
                    help="new trials per run, per worker (default: W + 16 per run)")
     p.add_argument("--repeats", type=int, default=1, help="repeats of every run; the order alternates")
+    p.add_argument("--solo", action="store_true",
+                   help="run worker 0 alone in its own process and report its figures apart (solo_*)")
+    p.add_argument("--solo-train-s", type=float, default=None,
+                   help="the solo worker's trials sleep this long instead of --train-s (more of them measured)")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--database", help="keep the studies in this PostgreSQL database (created if missing, "
                    "not dropped) and reuse a study of the same size from an earlier run")
@@ -349,7 +383,8 @@ def main() -> None:
                                     counted_so_far(proxy.url, name)
                                 row = run(pg_url if proxy is None else proxy.url, pg_url, name, budget, w,
                                           args.threads_per_process, tmp, history,
-                                          None if proxy is None else proxy.proc.pid, args.train_s)
+                                          None if proxy is None else proxy.proc.pid, args.train_s, args.solo,
+                                          args.solo_train_s)
                             finally:
                                 if proxy is not None:
                                     proxy.stop()
@@ -371,8 +406,11 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
         command += f" --history {' '.join(map(str, args.history))}"
     for flag, value, default in (("--paths", args.paths, ["postgresql", "proxy"]), ("--refresh", args.refresh, [5.0]),
                                  ("--train-s", args.train_s, 0.0), ("--trials-per-worker", args.trials_per_worker, None),
-                                 ("--repeats", args.repeats, 1)):
-        if value != default:
+                                 ("--repeats", args.repeats, 1), ("--solo", args.solo, False),
+                                 ("--solo-train-s", args.solo_train_s, None)):
+        if value is True:
+            command += f" {flag}"
+        elif value != default:
             command += f" {flag} {' '.join(map(str, value)) if isinstance(value, list) else value}"
     if args.database:
         command += f" --database {args.database}"

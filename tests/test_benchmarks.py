@@ -105,6 +105,34 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
     assert "| existing | via |" in r.stdout
 
 
+@pytest.mark.postgres
+def test_loadtest_paced_quick_mode_measures_a_solo_worker_against_each_proxy_refresh(tmp_path: Path,
+                                                                                    mnist_dir: Path) -> None:
+    out = tmp_path / "paced.json"
+    r = run_quick("loadtest.py", mnist_dir, out, "--paths", "proxy", "--refresh", "5", "0",
+                  "--train-s", "0.3", "--solo")
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [(row["existing"], row["refresh"]) for row in rows] == [(0, 5.0), (0, 0.0), (20, 5.0), (20, 0.0)]
+    for row in rows:
+        assert row["overshoot"] == 0 and row["unfinished"] == 0 and row["train_s"] == 0.3
+        assert row["trial_p50_ms"] >= 300 and row["overhead_p50_ms"] > 0  # the sleep, then the rest
+        assert row["solo_trials"] >= 1 and row["solo_overhead_p50_ms"] > 0 and row["solo_cpu_ms_per_trial"] > 0
+        assert row["processes"] == 2  # the solo worker's own process and the other 7 workers'
+    assert "--refresh 5.0 0.0 --train-s 0.3 --solo" in doc["command"]
+    assert "| proxy, refresh 0 s |" in r.stdout
+
+
+@pytest.mark.postgres
+def test_rpc_latency_quick_mode_times_each_path(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "rpc.json"
+    r = run_quick("rpc_latency.py", mnist_dir, out)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["path"] for row in rows] == ["postgresql", "proxy, refresh 5 s", "proxy, refresh 0 s"]
+    assert all(row["write_ms"] > 0 and row["read_ms"] > 0 for row in rows)
+    assert "| proxy, refresh 5 s |" in r.stdout
+
+
 def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path) -> None:
     out = tmp_path / "sampler.json"
     run_quick("sampler_cost.py", mnist_dir, out)

@@ -249,9 +249,12 @@ class TrivialObjective:
         return hp.lr
 
 
-def run_workers(url: str, cfg, n: int, storages: int = 1) -> list:
-    """`n` workers, each the real `trial_loop` in a thread, sharing `storages` storage objects."""
-    opened = [open_storage(url, cfg.storage, pool_size=4, max_overflow=4) for _ in range(storages)]
+def run_workers(url: str | list[str], cfg, n: int, storages: int = 1) -> list:
+    """`n` workers, each the real `trial_loop` in a thread, sharing `storages` storage objects
+    (with several URLs: one storage object for each, the workers dealt out in turn)."""
+    urls = [url] * storages if isinstance(url, str) else url
+    storages = len(urls)
+    opened = [open_storage(u, cfg.storage, pool_size=4, max_overflow=4) for u in urls]
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
@@ -303,6 +306,22 @@ def test_64_workers_end_with_exactly_the_budget(via, pg, request):
     study = optuna.load_study(study_name=cfg.study.name, storage=open_storage(url))
     b = budget_state(study, 100)
     assert b.finished == 100 and b.running == b.waiting == 0
+
+
+@pytest.mark.postgres
+def test_workers_on_two_proxies_and_on_the_database_end_with_exactly_the_budget(pg, proxy, tmp_path):
+    """A proxy answers reads from memory (proxycache.py); the trials made through the other proxy
+    or on the database directly are found at its every read, so each slot claim still counts
+    every trial made before its own."""
+    second = Proxy(pg, tmp_path / "second.log").start()
+    try:
+        cfg = config(n_trials=40, heartbeat=2, grace=20)
+        trials = run_workers([proxy.url, second.url, pg], cfg, 24)
+    finally:
+        second.stop()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(counted(trials)) == len(complete) == 40, [(t.number, t.state) for t in trials]
+    assert all(t.state.is_finished() for t in trials)
 
 
 def test_a_proxy_that_is_not_there_is_one_line(monkeypatch):
