@@ -4,7 +4,7 @@ A study is driven at random through the cache (trials asked, parameters, attribu
 state changes, re-queued copies) while a second writer works on the same database directly, as
 another proxy or a worker on the database would. After every step the cache must answer exactly
 as the database does for everything written through it and for every trial created anywhere,
-and for the second writer's other writes once a refresh is due.
+after each trial it makes, and for the second writer's other writes once a refresh is due.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def step(rng: random.Random, study: optuna.Study, storage) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_the_cache_answers_as_the_database_for_its_own_writes_and_every_new_trial(db, seed):
+def test_the_cache_answers_as_the_database_for_its_own_writes_and_every_trial_before_its_own(db, seed):
     url, rdb = db
     cache = cache_over(url, rdb, refresh_s=1e9)  # no refresh: only its own writes and its probes
     direct = RetryingStorage(rdb, url)
@@ -81,12 +81,14 @@ def test_the_cache_answers_as_the_database_for_its_own_writes_and_every_new_tria
     for _ in range(120):
         step(rng, via_cache, cache)
         assert picture(cache.get_all_trials(sid, deepcopy=False)) == picture(direct.get_all_trials(sid))
-        if rng.random() < 0.15:  # a trial created elsewhere is seen at the next read, refresh or not
-            direct.create_new_trial(sid)  # (not `ask`, which could pop a WAITING trial: a write)
+        if rng.random() < 0.15:  # made elsewhere: in the list once this cache makes a trial
+            made = direct.create_new_trial(sid)  # (not `ask`, which could pop a WAITING trial: a write)
+            mine = cache.create_new_trial(sid)
             ours = cache.get_all_trials(sid, deepcopy=False)
             theirs = direct.get_all_trials(sid)
             assert [t.number for t in ours] == [t.number for t in theirs]
-            assert (ours[-1].state, ours[-1].params) == (theirs[-1].state, theirs[-1].params)
+            assert picture(ours[-2:]) == picture(theirs[-2:])
+            assert [cache.get_trial(made).number, cache.get_trial(mine).number] == [t.number for t in theirs[-2:]]
     counts = {s: len(cache.get_all_trials(sid, states=(s,))) for s in TrialState}
     assert counts[TrialState.COMPLETE] and counts[TrialState.RUNNING] and counts[TrialState.WAITING] >= 0
 
@@ -120,6 +122,7 @@ def test_a_trial_created_elsewhere_and_written_here_before_a_read_is_whole(db):
     tid = direct.create_new_trial(sid)
     cache.set_trial_user_attr(tid, "k", "v")  # a trial this cache has not seen yet
     cache.set_trial_param(tid, "x", 0.5, FloatDistribution(0, 1))
+    cache.create_new_trial(sid)  # its probe takes the one made elsewhere from the database
     assert picture(cache.get_all_trials(sid)) == picture(direct.get_all_trials(sid))
     assert cache.get_all_trials(sid)[1].user_attrs == {"k": "v"}
 

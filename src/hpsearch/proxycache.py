@@ -11,16 +11,18 @@ reads (BENCHMARKS.md, section 5). Nearly all of the proxy's time went there.
 - **Writes** go to the database first (which checks that the trial is still running and makes the
   write durable), then the cached trial is replaced by a copy with the write applied (a state
   change re-reads the trial, for the database's timestamps). A reader sees its own writes at once.
-- **New trials** are looked for at every read by their number (one indexed lookup of the next
-  number; Optuna numbers a study's trials densely, under a lock on the study), so a trial created
-  anywhere (through another proxy, or a worker on the database directly) is seen at once: the
-  budget's slot claim (study.py) counts every trial created before its own, and stays exact.
-- **Everything else written elsewhere** (another proxy's workers, a sweep through another path) is
-  read with a full refresh through Optuna's cached storage every `refresh_s` seconds. Until then
-  such a trial can look older than it is: still RUNNING when it has finished, or with an older
-  lease. Both only delay: a RUNNING trial counts against the budget until the refresh (a worker may
-  wait a little longer, never overshoot), and a lease is judged stale only after a grace period
-  many times `refresh_s`.
+- **Every trial made before one this proxy makes** is in its list once `create_new_trial`
+  returns: the trials numbered since its last look are fetched by number (Optuna numbers a
+  study's trials densely, under a lock on the study), wherever they were made (another proxy, a
+  worker on the database directly). The worker's next read, its slot claim (study.py), so counts
+  every trial made before its own, as on the database itself: the budget stays exact.
+- **Everything else written elsewhere** (trials made or written through another proxy, a sweep
+  through another path) is read with a full refresh through Optuna's cached storage every
+  `refresh_s` seconds. Until then such a trial can be missing, or look older than it is: still
+  RUNNING when it has finished, or with an older lease. All of these only delay: a RUNNING trial
+  counts against the budget until the refresh (a worker may wait a little longer, never
+  overshoot), a re-queued copy made elsewhere is taken up to `refresh_s` later, and a lease is
+  judged stale only after a grace period many times `refresh_s`.
 
 Public API only: `BaseStorage` methods of the storage underneath, `FrozenTrial`'s constructor-level
 attributes. The trial ids the proxy is written through are learnt from `create_new_trial` and
@@ -89,10 +91,7 @@ class ProxyCache(BaseStorage):
         with self._lock:
             study = self._studies.get(study_id)
             due = study is None or time.monotonic() - study.refreshed >= self.refresh_s
-        if due:
-            study = self._refresh(study_id)  # (maybe one that began before this trial was made)
-        self._probe(study_id, study)
-        return study
+        return self._refresh(study_id) if due else study
 
     def _refresh(self, study_id: int) -> _Study:
         with self._lock:
@@ -117,6 +116,9 @@ class ProxyCache(BaseStorage):
                 for number, change in study.replay or []:
                     if number < len(trials):
                         trials[number] = change(trials[number])
+                # Trials this proxy made while the read ran (found by its probe): kept, so a
+                # worker's next read still holds the trial it has just made.
+                trials.extend(study.trials[len(trials):])
                 study.replay = None
                 study.trials = trials
                 study.refreshed = time.monotonic()
@@ -134,7 +136,8 @@ class ProxyCache(BaseStorage):
         return found
 
     def _probe(self, study_id: int, study: _Study) -> None:
-        """Add the trials created since the last look, wherever they were created."""
+        """Add the trials created since the last look, wherever they were created (run after
+        each trial this proxy creates: its list then holds every trial numbered before it)."""
         with study.probing:
             while True:
                 with self._lock:
