@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--reconnect-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="how long to wait out a database outage before a request fails (default: 600)")
     x.add_argument("--refresh", type=_non_negative_float, default=5.0, metavar="SECONDS",
-                   help="re-read trials written by others (another proxy, a worker on the database "
-                   "itself) at most this old; this proxy's own writes and new trials are seen at once "
-                   "(default: 5)")
+                   help="re-read what others write (another proxy, a worker on the database itself) "
+                   "this often; this proxy's own writes, and every trial made before one it makes, "
+                   "are seen at once (default: 5)")
     return parser
 
 
