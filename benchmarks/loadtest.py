@@ -330,7 +330,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="8 workers, 8 trials, on 0 and 20 trials, both paths")
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32, 64])
-    p.add_argument("--existing", type=int, nargs="+", default=[0, 2000, 10000])
+    p.add_argument("--existing", type=int, nargs="+", default=None, help="finished trials already in the "
+                   "study (default: 0 2000 10000; with --quick 0 20)")
     p.add_argument("--threads-per-process", type=int, default=8)
     p.add_argument("--history", type=int, nargs="+", default=[1000],
                    help="[sampler] history values to run (0: TPE on every trial); several alternate")
@@ -354,7 +355,8 @@ def main() -> None:
     p.add_argument("--data-dir", help=argparse.SUPPRESS)  # accepted like the other benchmarks'
     args = p.parse_args()
     if args.quick:
-        args.workers, args.existing = [8], [0, 20]
+        args.workers, args.existing = [8], args.existing or [0, 20]
+    args.existing = args.existing or [0, 2000, 10000]
     if args.trials_per_worker:
         new_trials = lambda w: int(round(args.trials_per_worker * w))  # noqa: E731
     else:
@@ -400,6 +402,8 @@ def main() -> None:
 
 def save(args: argparse.Namespace, results: list[dict]) -> None:
     command = "uv run python benchmarks/loadtest.py" + (" --quick" if args.quick else "")
+    if args.quick and args.existing != [0, 20]:
+        command += f" --existing {' '.join(map(str, args.existing))}"
     if not args.quick and (args.workers != [8, 32, 64] or args.existing != [0, 2000, 10000]):
         command += f" --workers {' '.join(map(str, args.workers))} --existing {' '.join(map(str, args.existing))}"
     if args.history != [1000]:

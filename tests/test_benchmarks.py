@@ -87,13 +87,16 @@ def test_scaling_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_dir:
 
 
 @pytest.mark.postgres
-def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(tmp_path: Path, mnist_dir: Path) -> None:
+def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_each_proxy_refresh(tmp_path: Path,
+                                                                                       mnist_dir: Path) -> None:
+    """Both paths, the proxy with and without its cache, paced (slept trials) with a solo worker."""
     out = tmp_path / "loadtest.json"
-    r = run_quick("loadtest.py", mnist_dir, out)
+    r = run_quick("loadtest.py", mnist_dir, out, "--refresh", "5", "0", "--train-s", "0.3", "--solo",
+                  "--existing", "20")
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    assert [(row["existing"], row["via"], row["workers"]) for row in rows] == [
-        (0, "postgresql", 8), (0, "proxy", 8), (20, "postgresql", 8), (20, "proxy", 8)]
+    assert [(row["existing"], row["via"], row["refresh"], row["workers"]) for row in rows] == [
+        (20, "postgresql", None, 8), (20, "proxy", 5.0, 8), (20, "proxy", 0.0, 8)]
     for row in rows:
         assert row["trials"] >= 1 and row["trials_per_s"] > 0 and row["ask_p50_ms"] > 0
         assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
@@ -102,25 +105,11 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
         cpu = row["cpu_ms_per_trial"]
         assert cpu["workers"] > 0 and cpu["database"] > 0 and cpu["proxy"] >= 0, row
         assert row["via"] == "postgresql" or cpu["proxy"] > 0, row
-    assert "| existing | via |" in r.stdout
-
-
-@pytest.mark.postgres
-def test_loadtest_paced_quick_mode_measures_a_solo_worker_against_each_proxy_refresh(tmp_path: Path,
-                                                                                    mnist_dir: Path) -> None:
-    out = tmp_path / "paced.json"
-    r = run_quick("loadtest.py", mnist_dir, out, "--paths", "proxy", "--refresh", "5", "0",
-                  "--train-s", "0.3", "--solo")
-    doc = json.loads(out.read_text())
-    rows = doc["results"]
-    assert [(row["existing"], row["refresh"]) for row in rows] == [(0, 5.0), (0, 0.0), (20, 5.0), (20, 0.0)]
-    for row in rows:
-        assert row["overshoot"] == 0 and row["unfinished"] == 0 and row["train_s"] == 0.3
-        assert row["trial_p50_ms"] >= 300 and row["overhead_p50_ms"] > 0  # the sleep, then the rest
+        assert row["train_s"] == 0.3 and row["trial_p50_ms"] >= 300 and row["overhead_p50_ms"] > 0
         assert row["solo_trials"] >= 1 and row["solo_overhead_p50_ms"] > 0 and row["solo_cpu_ms_per_trial"] > 0
         assert row["processes"] == 2  # the solo worker's own process and the other 7 workers'
-    assert "--refresh 5.0 0.0 --train-s 0.3 --solo" in doc["command"]
-    assert "| proxy, refresh 0 s |" in r.stdout
+    assert "--existing 20 --refresh 5.0 0.0 --train-s 0.3 --solo" in doc["command"]
+    assert "| proxy, refresh 0 s |" in r.stdout and "| existing | via |" in r.stdout
 
 
 @pytest.mark.postgres
