@@ -48,6 +48,19 @@ REFRESH_S = 5.0  # the default: a tenth of the shortest sensible grace period (r
 Change = Callable[[FrozenTrial], FrozenTrial]
 
 
+def _with(**entries: tuple[Any, Any]) -> Change:
+    """A change that copies the trial with one (key, value) set in each named dict attribute
+    (`user_attrs=("k", v)`): cached trials are never changed in place, a reader may hold them."""
+
+    def change(t: FrozenTrial) -> FrozenTrial:
+        t = copy.copy(t)
+        for name, (key, value) in entries.items():
+            setattr(t, name, {**getattr(t, name), key: value})
+        return t
+
+    return change
+
+
 @dataclass
 class _Study:
     trials: list[FrozenTrial]  # index == trial number (Optuna numbers densely from 0)
@@ -175,44 +188,19 @@ class ProxyCache(BaseStorage):
                 self.inner.get_all_trials(study_id, deepcopy=False)
             self.inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
         external = distribution.to_external_repr(param_value_internal)
-
-        def change(t: FrozenTrial) -> FrozenTrial:
-            t = copy.copy(t)
-            t.params = {**t.params, param_name: external}
-            t.distributions = {**t.distributions, param_name: distribution}
-            return t
-
-        self._apply(trial_id, change)
+        self._apply(trial_id, _with(params=(param_name, external), distributions=(param_name, distribution)))
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.inner.set_trial_user_attr(trial_id, key, value)
-
-        def change(t: FrozenTrial) -> FrozenTrial:
-            t = copy.copy(t)
-            t.user_attrs = {**t.user_attrs, key: value}
-            return t
-
-        self._apply(trial_id, change)
+        self._apply(trial_id, _with(user_attrs=(key, value)))
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         self.inner.set_trial_system_attr(trial_id, key, value)
-
-        def change(t: FrozenTrial) -> FrozenTrial:
-            t = copy.copy(t)
-            t.system_attrs = {**t.system_attrs, key: value}
-            return t
-
-        self._apply(trial_id, change)
+        self._apply(trial_id, _with(system_attrs=(key, value)))
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         self.inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
-
-        def change(t: FrozenTrial) -> FrozenTrial:
-            t = copy.copy(t)
-            t.intermediate_values = {**t.intermediate_values, step: intermediate_value}
-            return t
-
-        self._apply(trial_id, change)
+        self._apply(trial_id, _with(intermediate_values=(step, intermediate_value)))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
