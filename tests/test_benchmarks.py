@@ -87,16 +87,18 @@ def test_scaling_quick_mode_writes_its_table_and_json(tmp_path: Path, mnist_dir:
 
 
 @pytest.mark.postgres
-def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_each_proxy_refresh(tmp_path: Path,
-                                                                                       mnist_dir: Path) -> None:
-    """Both paths, the proxy with and without its cache, paced (slept trials) with a solo worker."""
+def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(tmp_path: Path,
+                                                                               mnist_dir: Path) -> None:
+    """Both paths, with the worker's write-behind and with every write waited for, paced (slept
+    trials) with a solo worker."""
     out = tmp_path / "loadtest.json"
-    r = run_quick("loadtest.py", mnist_dir, out, "--refresh", "5", "0", "--train-s", "0.3", "--solo",
+    r = run_quick("loadtest.py", mnist_dir, out, "--writes", "behind", "sync", "--train-s", "0.3", "--solo",
                   "--existing", "20")
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    assert [(row["existing"], row["via"], row["refresh"], row["workers"]) for row in rows] == [
-        (20, "postgresql", None, 8), (20, "proxy", 5.0, 8), (20, "proxy", 0.0, 8)]
+    assert [(row["existing"], row["via"], row["refresh"], row["writes"], row["workers"]) for row in rows] == [
+        (20, "postgresql", None, "behind", 8), (20, "proxy", 5.0, "behind", 8),
+        (20, "postgresql", None, "sync", 8), (20, "proxy", 5.0, "sync", 8)]
     for row in rows:
         assert row["trials"] >= 1 and row["trials_per_s"] > 0 and row["ask_p50_ms"] > 0
         assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
@@ -108,8 +110,8 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_each_proxy_
         assert row["train_s"] == 0.3 and row["trial_p50_ms"] >= 300 and row["overhead_p50_ms"] > 0
         assert row["solo_trials"] >= 1 and row["solo_overhead_p50_ms"] > 0 and row["solo_cpu_ms_per_trial"] > 0
         assert row["processes"] == 2  # the solo worker's own process and the other 7 workers'
-    assert "--existing 20 --refresh 5.0 0.0 --train-s 0.3 --solo" in doc["command"]
-    assert "| proxy, refresh 0 s |" in r.stdout and "| existing | via |" in r.stdout
+    assert "--existing 20 --writes behind sync --train-s 0.3 --solo" in doc["command"]
+    assert "| proxy, refresh 5 s, writes sync |" in r.stdout and "| existing | via |" in r.stdout
 
 
 @pytest.mark.postgres

@@ -11,6 +11,7 @@ One file per checkpoint (`torch.save` of plain data, loadable with `weights_only
 
 from __future__ import annotations
 
+import functools
 import io
 import tempfile
 import uuid
@@ -26,6 +27,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from hpsearch.data import Normalizer
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.train import HParams, Precision, TrainState
+from hpsearch.writebehind import then
 
 if TYPE_CHECKING:
     # Optuna's artifact-store protocol lives in a private module; any store with its methods works.
@@ -188,8 +190,8 @@ class EpochCheckpoints:
             EPOCH_CHECKPOINT, {"artifact_id": artifact_id, "epoch": state.epoch, "trial": self.trial.number}
         )
         old, self.current, self.epoch = self.current, artifact_id, state.epoch
-        if old is not None:
-            remove_artifact(self.store, old)
+        if old is not None:  # once the pointer has landed (writebehind.py): never a pointer to nothing
+            then(self.trial.storage, functools.partial(remove_artifact, self.store, old))
 
     def discard(self) -> None:
         """The trial ended (complete, pruned, failed for good): nothing will resume from it."""

@@ -72,8 +72,8 @@ def trial_id(storage: Any, study: optuna.Study, number: int) -> int:
 class Lease:
     """Renew a running trial's lease every `interval` seconds in a thread, until `stop()`.
 
-    The first renewal is written before `start` returns, so a trial is never RUNNING for long
-    without one. A renewal lost to an outage is written again one interval later; a trial that
+    The first renewal is written at once, by the thread: the worker does not wait for it, and a
+    trial seen without a lease is failed only after a whole grace period (`Sweeper`). A renewal lost to an outage is written again one interval later; a trial that
     another worker has failed meanwhile (its lease had expired) ends the thread.
     """
 
@@ -85,7 +85,6 @@ class Lease:
         self._thread = threading.Thread(target=self._run, name=f"lease-{trial_id}", daemon=True)
 
     def start(self) -> "Lease":
-        self._renew()
         self._thread.start()
         return self
 
@@ -102,6 +101,8 @@ class Lease:
             return False  # finished or failed by another worker: nothing left to hold
 
     def _run(self) -> None:
+        if not self._renew():
+            return
         while not self._done.wait(self.interval):
             if not self._renew():
                 return

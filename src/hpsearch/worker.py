@@ -36,6 +36,7 @@ from hpsearch.signals import StopRequest
 from hpsearch.storage import RetryingStorage, StorageStopped, artifact_store, open_storage, redact
 from hpsearch.study import BudgetState, BudgetTally, check_split, open_study, study_deadline
 from hpsearch.train import Interrupted
+from hpsearch.writebehind import WriteBehind, flush
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
 
@@ -121,7 +122,7 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     for warning in data.class_counts.warnings:
         display.note(f"warning: {warning}")
 
-    storage = open_storage(opts.storage_url, cfg.storage, stop=stop)
+    storage = open_worker_storage(opts.storage_url, cfg, stop)
     study = open_study(cfg, storage, opts.worker_index, on_create=lambda s: _on_create(s, cfg, data))
     check_split(study, data.fingerprint, storage)
     store = artifact_store(opts.storage_url, opts.artifacts)
@@ -132,6 +133,12 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     objective = Objective(cfg, data, device, store, on_progress=display.progress,
                           should_stop=stop.stop_training, note=display.note, worker_index=opts.worker_index)
     return trial_loop(study, storage, cfg, objective, display, stop, n_trials=opts.n_trials, timeout=opts.timeout)
+
+
+def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = None, **pool: int) -> WriteBehind:
+    """The storage a worker runs trials on: outages waited out (`RetryingStorage`), a trial's
+    writes sent in the background while it trains (`WriteBehind`)."""
+    return WriteBehind(open_storage(url, cfg.storage, stop=stop, **pool))
 
 
 DATA_ATTR = "hpsearch_data"  # study user attribute: classes, their original labels, counts per part
@@ -260,6 +267,7 @@ def trial_loop(
         if not _stopped_waiting(e):
             raise
         reason = f"stopped by {stop.signal_name} while waiting for the storage"
+    flush(storage)  # a trial's writes land before its tell; this sends any left by a stop's path
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
 
