@@ -26,7 +26,7 @@ from hpsearch.recovery import LEASE, OVER_BUDGET, Lease, Sweeper, trial_id
 from hpsearch.signals import StopRequest
 from hpsearch.storage import RetryingStorage, StorageStopped, open_storage
 from hpsearch.study import budget_state, open_study
-from hpsearch.worker import trial_loop
+from hpsearch.worker import open_worker_storage, trial_loop
 from storages import FlakyStorage, Proxy, pg_database
 
 URL = "postgresql+psycopg2://someone:s3cret-pw@db.example:5432/hpsearch"
@@ -254,7 +254,7 @@ def run_workers(url: str | list[str], cfg, n: int, storages: int = 1) -> list:
     (with several URLs: one storage object for each, the workers dealt out in turn)."""
     urls = [url] * storages if isinstance(url, str) else url
     storages = len(urls)
-    opened = [open_storage(u, cfg.storage, pool_size=4, max_overflow=4) for u in urls]
+    opened = [open_worker_storage(u, cfg, pool_size=4, max_overflow=4) for u in urls]  # as `hpsearch worker`
     errors: list[BaseException] = []
 
     def work(i: int) -> None:

@@ -501,6 +501,24 @@ class RetryingStorage(BaseStorage):
         return self.rdb.engine
 
 
+def delegating(base: type, name: str, also: Sequence[str] = ()) -> type:
+    """`base` (a partial `BaseStorage` holding the storage it wraps in `self.inner`) made whole:
+    every abstract method of Optuna's storage interface it does not define, and the methods named
+    in `also`, call the same method of `inner`. One that a future Optuna adds is delegated too,
+    rather than left abstract."""
+
+    def delegate(name: str) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self.inner, name)(*args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    names = sorted(set(BaseStorage.__abstractmethods__) | set(also))
+    return type(name, (base,), {
+        "__module__": base.__module__, **{n: delegate(n) for n in names if n not in base.__dict__}})
+
+
 def _trouble(e: BaseException) -> bool:
     return _connection_trouble(e) or _grpc_trouble(e)
 

@@ -34,6 +34,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.config import MIN_HISTORY
+from hpsearch.storage import delegating
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # TPE's default gamma caps its "good" group at 25 trials from 250 on: MIN_HISTORY, the smallest
@@ -177,7 +178,7 @@ class _WindowReads(BaseStorage):
 
     def __init__(self, real: BaseStorage, trials: list[FrozenTrial], study_id: int,
                  directions: list[StudyDirection]) -> None:
-        self._real = real
+        self.inner = real
         self._trials = trials
         self._id = study_id
         self._directions = directions
@@ -195,16 +196,5 @@ class _WindowReads(BaseStorage):
         return copy.deepcopy(trials) if deepcopy else list(trials)
 
 
-def _delegate(name: str):
-    def method(self: _WindowReads, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._real, name)(*args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-# Every abstract method of BaseStorage but the three above, delegated: one a future Optuna adds is
-# delegated too rather than left abstract.
-WindowStorage = type("WindowStorage", (_WindowReads,), {
-    name: _delegate(name) for name in sorted(BaseStorage.__abstractmethods__) if name not in _WindowReads.__dict__
-})
+# Every abstract method of BaseStorage but the three above, delegated to the real storage.
+WindowStorage = delegating(_WindowReads, "WindowStorage")

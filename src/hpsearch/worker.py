@@ -31,9 +31,11 @@ from hpsearch.data import SearchData, crop_size, load_search_data
 from hpsearch.errors import HpsearchError, StorageError
 from hpsearch.objective import Objective, TakenOver, TrialFailed
 from hpsearch.progress import Display
+from hpsearch.readmemo import ReadMemo
 from hpsearch.recovery import OVER_BUDGET, Lease, Sweeper, requeue
 from hpsearch.signals import StopRequest
-from hpsearch.storage import RetryingStorage, StorageStopped, artifact_store, open_storage, redact
+from hpsearch.storage import (RetryingStorage, StorageStopped, artifact_store, backend_name, open_storage,
+                              redact)
 from hpsearch.study import BudgetState, BudgetTally, check_split, open_study, study_deadline
 from hpsearch.train import Interrupted
 from hpsearch.writebehind import WriteBehind, flush
@@ -136,9 +138,13 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
 
 
 def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = None, **pool: int) -> WriteBehind:
-    """The storage a worker runs trials on: outages waited out (`RetryingStorage`), a trial's
-    writes sent in the background while it trains (`WriteBehind`)."""
-    return WriteBehind(open_storage(url, cfg.storage, stop=stop, **pool))
+    """The storage a worker runs trials on: outages waited out (`RetryingStorage`), a read of the
+    trial list repeated within a moment answered once (`ReadMemo`), a trial's writes sent in the
+    background while it trains (`WriteBehind`). Through a proxy 8 writes travel at once (a trial's
+    last attributes in one round trip); on a database, 2, which with the worker's own thread and
+    its lease stay within its pool of 2 + 2 connections (`open_rdb`)."""
+    return WriteBehind(ReadMemo(open_storage(url, cfg.storage, stop=stop, **pool)),
+                       senders=8 if backend_name(url) == "grpc" else 2)
 
 
 DATA_ATTR = "hpsearch_data"  # study user attribute: classes, their original labels, counts per part

@@ -46,11 +46,13 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch.storage import delegating
+
 log = logging.getLogger("hpsearch.writebehind")
 
 Key = tuple[int, str, Any]  # (trial id, method, the key written: a name or a step)
 Write = tuple[str, tuple]  # (method, its arguments)
-SENDERS = 4  # writes in flight at once: a trial's last attributes land in one or two round trips
+SENDERS = 4  # writes in flight at once (the worker picks 8 through a proxy, 2 on a database)
 
 
 class _WriteBehind(BaseStorage):
@@ -214,22 +216,10 @@ class _WriteBehind(BaseStorage):
         self.inner.close()
 
 
-def _delegate(name: str) -> Callable[..., Any]:
-    def method(self: _WriteBehind, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.inner, name)(*args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
 # Every other abstract method of Optuna's storage interface (the reads of the trial list, study
-# attributes, trial creation) goes straight to `inner`, one a future Optuna adds too; so does
-# `get_n_trials`, which `inner` answers better than BaseStorage's default (it reads every trial).
-_DIRECT = {"get_n_trials", "remove_session"}
-WriteBehind = type("WriteBehind", (_WriteBehind,), {"__module__": __name__, **{
-    name: _delegate(name) for name in sorted(BaseStorage.__abstractmethods__ | _DIRECT)
-    if name not in _WriteBehind.__dict__
-}})
+# attributes, trial creation) goes straight to `inner`; so does `get_n_trials`, which `inner`
+# answers better than BaseStorage's default (it reads every trial).
+WriteBehind = delegating(_WriteBehind, "WriteBehind", also=("get_n_trials", "remove_session"))
 
 
 def then(storage: BaseStorage, callback: Callable[[], None]) -> None:
