@@ -115,6 +115,22 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
 
 
 @pytest.mark.postgres
+def test_solo_worker_quick_mode_times_both_write_modes_and_their_calls(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "solo.json"
+    r = run_quick("solo_worker.py", mnist_dir, out)
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert [row["writes"] for row in rows] == ["behind", "sync"]
+    for row in rows:
+        assert row["trials"] == 2 and row["cpu_ms"] > 0
+        calls = row["calls"]
+        # The worker waits on trial creation and the tell either way; on every attribute only when sync.
+        assert calls["create_new_trial"]["per_trial"] == 1 and calls["set_trial_state_values"]["per_trial"] == 1
+    assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 18
+    assert set(doc["median_overhead_ms"]) == {"behind", "sync"} and "| behind |" in r.stdout
+
+
+@pytest.mark.postgres
 def test_rpc_latency_quick_mode_times_each_path(tmp_path: Path, mnist_dir: Path) -> None:
     out = tmp_path / "rpc.json"
     r = run_quick("rpc_latency.py", mnist_dir, out)

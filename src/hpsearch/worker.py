@@ -143,8 +143,12 @@ def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = N
     background while it trains (`WriteBehind`). Through a proxy 8 writes travel at once (a trial's
     last attributes in one round trip); on a database, 2, which with the worker's own thread and
     its lease stay within its pool of 2 + 2 connections (`open_rdb`)."""
-    return WriteBehind(ReadMemo(open_storage(url, cfg.storage, stop=stop, **pool)),
-                       senders=8 if backend_name(url) == "grpc" else 2)
+    return worker_storage(open_storage(url, cfg.storage, stop=stop, **pool), url)
+
+
+def worker_storage(storage: RetryingStorage, url: str) -> WriteBehind:
+    """`storage` (opened at `url`) as a worker uses it: see `open_worker_storage`."""
+    return WriteBehind(ReadMemo(storage), senders=8 if backend_name(url) == "grpc" else 2)
 
 
 DATA_ATTR = "hpsearch_data"  # study user attribute: classes, their original labels, counts per part
