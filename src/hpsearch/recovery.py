@@ -73,8 +73,9 @@ class Lease:
     """Renew a running trial's lease every `interval` seconds in a thread, until `stop()`.
 
     The first renewal is written at once, by the thread: the worker does not wait for it, and a
-    trial seen without a lease is failed only after a whole grace period (`Sweeper`). A renewal lost to an outage is written again one interval later; a trial that
-    another worker has failed meanwhile (its lease had expired) ends the thread.
+    trial seen without a lease is failed only after a whole grace period (`Sweeper`). A renewal
+    lost to an outage is written again one interval later; a trial that another worker has failed
+    meanwhile (its lease had expired) ends the thread.
     """
 
     def __init__(self, storage: Any, trial_id: int, interval: float) -> None:
