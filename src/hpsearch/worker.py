@@ -134,7 +134,14 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     )
     objective = Objective(cfg, data, device, store, on_progress=display.progress,
                           should_stop=stop.stop_training, note=display.note, worker_index=opts.worker_index)
-    return trial_loop(study, storage, cfg, objective, display, stop, n_trials=opts.n_trials, timeout=opts.timeout)
+    try:
+        summary = trial_loop(study, storage, cfg, objective, display, stop, n_trials=opts.n_trials,
+                             timeout=opts.timeout)
+    except BaseException:
+        storage.close(flush=False)  # leaving on an error: what is queued would wait out the same error
+        raise
+    storage.close()  # every write sent, the connections given back
+    return summary
 
 
 def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = None, **pool: int) -> WriteBehind:

@@ -69,6 +69,7 @@ class _WriteBehind(BaseStorage):
         self._open: collections.Counter[int] = collections.Counter()  # per trial: queued + in flight
         self._failed: dict[int, BaseException] = {}  # per trial: a write's error, raised once
         self._busy = False  # the sender holds a part of the queue
+        self._closed = False
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -118,7 +119,9 @@ class _WriteBehind(BaseStorage):
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: bool(self._queue))
+                self._changed.wait_for(lambda: bool(self._queue) or self._closed)
+                if not self._queue:
+                    return  # closed
                 part = self._queue.popleft()
                 self._busy = True
             try:
@@ -209,10 +212,20 @@ class _WriteBehind(BaseStorage):
     def record_lease(self, trial_id: int, key: str, value: Any) -> bool:
         return self.inner.record_lease(trial_id, key, value)  # a beat is due now, not queued
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, flush: bool = True) -> None:
+        """Send what is queued (unless `flush` is False: a worker leaving on an error drops it),
+        stop the sender and close `inner`, giving back its connections (SQLite then folds its
+        write-ahead log into the database file)."""
+        if flush:
+            self.flush()
+        with self._changed:
+            self._closed = True
+            self._queue.clear()
+            self._changed.notify_all()
+        if self._thread is not None and flush:
+            self._thread.join()
         if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown(wait=flush)
         self.inner.close()
 
 
