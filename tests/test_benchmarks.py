@@ -126,7 +126,8 @@ def test_solo_worker_quick_mode_times_both_write_modes_and_their_calls(tmp_path:
         calls = row["calls"]
         # The worker waits on trial creation and the tell either way; on every attribute only when sync.
         assert calls["create_new_trial"]["per_trial"] == 1 and calls["set_trial_state_values"]["per_trial"] == 1
-    assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 18
+    # Every trial writes 11 user attributes first (more when it is not pruned).
+    assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 11
     assert set(doc["median_overhead_ms"]) == {"behind", "sync"} and "| behind |" in r.stdout
 
 

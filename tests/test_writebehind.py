@@ -173,3 +173,24 @@ def test_a_value_the_storage_cannot_store_fails_where_it_is_set():
     trial = study.ask()
     with pytest.raises(TypeError):
         trial.set_user_attr("bad", object())
+
+
+def test_a_callback_of_a_trial_whose_write_was_refused_does_not_run():
+    """A trial taken over while it trained: the old epoch checkpoint, which its re-queued copy
+    resumes from, must not be removed after the pointer to the new one was refused."""
+    inner = InMemoryStorage()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    tid = trial._trial_id
+    inner.set_trial_state_values(tid, TrialState.FAIL)  # taken over
+    trial.set_user_attr("epoch_checkpoint", "new")  # refused in the background
+    ran: list = []
+    then(storage, lambda: ran.append("old file removed"), tid)
+    then(storage, lambda: ran.append("unrelated"))
+    storage.flush()
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(tid, TrialState.FAIL)  # the error, raised once and cleared
+    then(storage, lambda: ran.append("later"), tid)
+    storage.flush()
+    assert ran == ["unrelated"]

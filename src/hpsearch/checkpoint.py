@@ -26,6 +26,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpsearch.data import Normalizer
 from hpsearch.model import CNN, ModelSpec
+from hpsearch.recovery import trial_id
 from hpsearch.train import HParams, Precision, TrainState
 from hpsearch.writebehind import then
 
@@ -179,6 +180,7 @@ class EpochCheckpoints:
         # The checkpoint this trial resumed from (a predecessor's): replaced by our first one.
         self.current = previous.artifact_id if previous else None
         self.epoch = previous.state.epoch if previous else 0  # the epoch `current` was saved after
+        self._id: int | None = None  # the trial's storage id, looked up once
 
     def save(self, state: TrainState) -> None:
         artifact_id = f"resume-trial{self.trial.number}-epoch{state.epoch}-{uuid.uuid4().hex[:12]}.pt"
@@ -191,7 +193,12 @@ class EpochCheckpoints:
         )
         old, self.current, self.epoch = self.current, artifact_id, state.epoch
         if old is not None:  # once the pointer has landed (writebehind.py): never a pointer to nothing
-            then(self.trial.storage, functools.partial(remove_artifact, self.store, old))
+            then(self.trial.storage, functools.partial(remove_artifact, self.store, old), self._trial_id())
+
+    def _trial_id(self) -> int:
+        if self._id is None:
+            self._id = trial_id(self.trial.storage, self.trial.study, self.trial.number)
+        return self._id
 
     def discard(self) -> None:
         """The trial ended (complete, pruned, failed for good): nothing will resume from it."""

@@ -23,8 +23,10 @@ storage (`RetryingStorage`, so outages are still waited out) and:
   report or attribute, or at its `tell`, just as when the write itself raised it; queued writes
   of that trial are then dropped. The storage gone for longer than `reconnect_timeout` stops the
   worker, as before.
-- `then(callback)` runs a callback once every write queued before it has landed: the epoch
-  checkpoint's old file is removed only after the pointer to the new one is stored (checkpoint.py).
+- `then(callback, trial_id)` runs a callback once every write queued before it has landed, and
+  only if no write of that trial was refused: the epoch checkpoint's old file is removed only
+  after the pointer to the new one is stored (checkpoint.py), and never when the trial was taken
+  over meanwhile (its re-queued copy resumes from that old file).
 
 What a crash loses: a worker killed with writes still queued (milliseconds' worth) loses them, as
 it loses the epoch it was training. Its trial is RUNNING with a lapsing lease either way; the
@@ -65,9 +67,11 @@ class _WriteBehind(BaseStorage):
         self.inner = inner
         self.senders = senders
         # Queued work in order: dicts of writes (sent together, a few at a time) and callbacks.
-        self._queue: collections.deque[dict[Key, Write] | Callable[[], None]] = collections.deque()
+        self._queue: collections.deque[dict[Key, Write] | tuple[int | None, Callable[[], None]]] = \
+            collections.deque()
         self._open: collections.Counter[int] = collections.Counter()  # per trial: queued + in flight
         self._failed: dict[int, BaseException] = {}  # per trial: a write's error, raised once
+        self._refused: set[int] = set()  # trials a write of which failed: their callbacks do not run
         self._busy = False  # the sender holds a part of the queue
         self._closed = False
         self._changed = threading.Condition()
@@ -79,7 +83,7 @@ class _WriteBehind(BaseStorage):
     def _defer(self, trial_id: int, method: str, key: Any, *args: Any) -> None:
         with self._changed:
             self._raise_failed(trial_id, clear=False)
-            if not self._queue or callable(self._queue[-1]):
+            if not self._queue or isinstance(self._queue[-1], tuple):
                 self._queue.append({})
             part = self._queue[-1]
             k = (trial_id, method, key)
@@ -89,10 +93,11 @@ class _WriteBehind(BaseStorage):
             self._start()
             self._changed.notify_all()
 
-    def then(self, callback: Callable[[], None]) -> None:
-        """Run `callback` (in the background) once every write queued so far has been sent."""
+    def then(self, callback: Callable[[], None], trial_id: int | None = None) -> None:
+        """Run `callback` (in the background) once every write queued so far has been sent, unless
+        a write of `trial_id` failed."""
         with self._changed:
-            self._queue.append(callback)
+            self._queue.append((trial_id, callback))
             self._start()
             self._changed.notify_all()
 
@@ -125,8 +130,8 @@ class _WriteBehind(BaseStorage):
                 part = self._queue.popleft()
                 self._busy = True
             try:
-                if callable(part):
-                    self._callback(part)
+                if isinstance(part, tuple):
+                    self._callback(*part)
                 else:
                     self._send(part)
             finally:
@@ -143,6 +148,9 @@ class _WriteBehind(BaseStorage):
                 self._open[trial_id] -= 1
                 if error is not None and trial_id not in self._failed:
                     self._failed[trial_id] = error
+                    if len(self._refused) >= 10_000:
+                        self._refused.clear()
+                    self._refused.add(trial_id)
                     self._drop(trial_id)
 
     def _one(self, write: Write) -> BaseException | None:
@@ -156,14 +164,16 @@ class _WriteBehind(BaseStorage):
     def _drop(self, trial_id: int) -> None:
         """A write of the trial failed: its queued writes are not sent (under the lock)."""
         for part in self._queue:
-            if callable(part):
+            if isinstance(part, tuple):
                 continue
             for k in [k for k in part if k[0] == trial_id]:
                 del part[k]
                 self._open[trial_id] -= 1
 
-    @staticmethod
-    def _callback(callback: Callable[[], None]) -> None:
+    def _callback(self, trial_id: int | None, callback: Callable[[], None]) -> None:
+        with self._changed:
+            if trial_id in self._refused:
+                return
         try:
             callback()
         except Exception:  # housekeeping (an old checkpoint file): never the worker's end
@@ -235,11 +245,12 @@ class _WriteBehind(BaseStorage):
 WriteBehind = delegating(_WriteBehind, "WriteBehind", also=("get_n_trials", "remove_session"))
 
 
-def then(storage: BaseStorage, callback: Callable[[], None]) -> None:
-    """`callback` once the writes made so far through `storage` have landed: at once on a storage
-    that writes as it is called."""
+def then(storage: BaseStorage, callback: Callable[[], None], trial_id: int | None = None) -> None:
+    """`callback` once the writes made so far through `storage` have landed, unless one of trial
+    `trial_id` was refused: at once on a storage that writes as it is called (where a refused
+    write raised in the caller instead)."""
     if isinstance(storage, _WriteBehind):
-        storage.then(callback)
+        storage.then(callback, trial_id)
     else:
         callback()
 
