@@ -193,9 +193,9 @@ class EpochCheckpoints:
         )
         old, self.current, self.epoch = self.current, artifact_id, state.epoch
         if old is not None:  # once the pointer has landed (writebehind.py): never a pointer to nothing
-            then(self.trial.storage, functools.partial(remove_artifact, self.store, old), self._trial_id())
+            then(self.trial.storage, functools.partial(remove_artifact, self.store, old), self._storage_id())
 
-    def _trial_id(self) -> int:
+    def _storage_id(self) -> int:
         if self._id is None:
             self._id = trial_id(self.trial.storage, self.trial.study, self.trial.number)
         return self._id
