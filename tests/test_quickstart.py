@@ -10,6 +10,7 @@ bounded by one epoch of work, not by the study's budget.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -87,4 +88,9 @@ def test_the_readme_first_command_searches_with_no_network(tmp_path: Path) -> No
     # The search is in the storage the README names: one epoch reported, the trial re-queued.
     study = optuna.load_study(study_name="cnn", storage=f"sqlite:///{clone / 'hpsearch.db'}")
     first = study.trials[0]
-    assert first.intermediate_values and 0 < first.intermediate_values[1] < 2.3  # below chance's ln(10)
+    # The first trial's hyperparameters are the sampler's unseeded draw: one epoch may or may not
+    # beat chance (ln 10 = 2.30; an SGD draw with a small learning rate stays at 2.301), so the check
+    # is that a real loss was reported and stayed within the worker's divergence bound (10 x ln 10).
+    assert first.intermediate_values and 0 < first.intermediate_values[1] < 10 * math.log(10), first
+    copies = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert len(copies) == 1 and copies[0].params == first.params, study.trials
