@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpsearch import __version__, claims
 from hpsearch.config import PrunerConfig, SamplerConfig, StudyConfig
 from hpsearch.errors import StorageError
+from hpsearch.pruning import MedianPruner
 from hpsearch.recovery import OVER_BUDGET
 from hpsearch.storage import study_names
 from hpsearch.window import HistoryWindowSampler
@@ -57,9 +58,8 @@ def make_sampler(cfg: SamplerConfig, worker_index: int = 0,
 
 def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
     if cfg.type == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps
-        )
+        # Optuna's MedianPruner decisions, without walking the whole study at every report.
+        return MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.n_warmup_steps)
     if cfg.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
             min_resource=cfg.min_resource, max_resource=max_epochs, reduction_factor=cfg.reduction_factor

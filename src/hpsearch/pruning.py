@@ -1,0 +1,114 @@
+"""The median pruner, with the complete trials' reports tallied once instead of walked each epoch.
+
+Optuna's `MedianPruner` answers every report of every trial by reading the study's complete
+trials and gathering their values at that step: a walk over the whole study per epoch (about 4 ms
+of a worker's CPU at 10,000 trials, on top of the read), and a read of the trial list even at the
+epochs it can never prune (before `n_warmup_steps`).
+
+`MedianPruner` here makes the same decisions (`tests/test_pruning.py` holds it to Optuna's, report
+by report, on studies with NaNs, gaps and both directions) with less work:
+
+- the checks that need no other trial (no report yet, a warm-up step, not the first report of an
+  interval) come first, so those epochs read nothing;
+- the complete trials' reports are tallied per step as the study grows: a finished trial never
+  changes, and trials are numbered 0, 1, 2, ... as they are created, so the run of finished
+  trials from trial 0 is tallied once (as the budget tally does, `study.BudgetTally`) and each
+  question looks only at the trials after it;
+- the median of a step is `numpy.nanpercentile` over the same values Optuna gathers (the order
+  differs; the percentile does not depend on it).
+
+Only Optuna's public API: `BasePruner`, `Study.get_trials`, `FrozenTrial`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+from optuna.pruners import BasePruner
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+
+@dataclass
+class _Tally:
+    """The complete trials among trials 0 .. n-1, all finished: how many, and their reports by step."""
+
+    n: int = 0
+    complete: int = 0
+    by_step: dict[int, list[float]] = field(default_factory=dict)
+    arrays: dict[int, np.ndarray] = field(default_factory=dict)  # by_step as arrays, made when asked
+
+    def advance(self, trials: list[FrozenTrial]) -> None:
+        while self.n < len(trials) and trials[self.n].state.is_finished():
+            t = trials[self.n]
+            if t.state == TrialState.COMPLETE:
+                self.complete += 1
+                for step, value in t.intermediate_values.items():
+                    self.by_step.setdefault(step, []).append(value)
+                    self.arrays.pop(step, None)
+            self.n += 1
+
+    def at(self, step: int) -> np.ndarray:
+        if step not in self.arrays:
+            self.arrays[step] = np.array(self.by_step.get(step, ()), dtype=float)
+        return self.arrays[step]
+
+
+class MedianPruner(BasePruner):
+    """Optuna's `MedianPruner(n_startup_trials, n_warmup_steps, interval_steps, n_min_trials)`:
+    prune a trial whose best report so far is worse than the median of the complete trials'
+    reports at the same step."""
+
+    def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0, interval_steps: int = 1,
+                 n_min_trials: int = 1) -> None:
+        # Optuna's own checks of the same arguments, with its messages.
+        optuna.pruners.MedianPruner(n_startup_trials, n_warmup_steps, interval_steps, n_min_trials=n_min_trials)
+        self.n_startup_trials = n_startup_trials
+        self.n_warmup_steps = n_warmup_steps
+        self.interval_steps = interval_steps
+        self.n_min_trials = n_min_trials
+        self._tallies: dict[str, _Tally] = {}  # by study name: a worker may prune in several studies
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.n_warmup_steps or not self._first_in_interval(step, trial):
+            return False  # Optuna decides these the same way whatever the other trials hold
+        trials = study.get_trials(deepcopy=False)
+        tally = self._tally(study.study_name, trials)
+        tail = [t for t in trials[tally.n:] if t.state == TrialState.COMPLETE]
+        n_complete = tally.complete + len(tail)
+        if n_complete == 0 or n_complete < self.n_startup_trials:
+            return False
+        maximize = study.direction == StudyDirection.MAXIMIZE
+        reported = np.asarray(list(trial.intermediate_values.values()), dtype=float)
+        best = np.nanmax(reported) if maximize else np.nanmin(reported)
+        if math.isnan(best):
+            return True
+        values = tally.at(step)
+        extra = [t.intermediate_values[step] for t in tail if step in t.intermediate_values]
+        if extra:
+            values = np.concatenate([values, np.array(extra, dtype=float)])
+        if len(values) < self.n_min_trials or np.isnan(values).all():
+            return False  # Optuna: too few reports, or all NaN (nanpercentile is NaN)
+        median = float(np.nanpercentile(values, 50))
+        return bool(best < median) if maximize else bool(best > median)
+
+    def _first_in_interval(self, step: int, trial: FrozenTrial) -> bool:
+        """Whether `step` is the trial's first report in its pruning interval (Optuna's rule)."""
+        nearest = (step - self.n_warmup_steps) // self.interval_steps * self.interval_steps + self.n_warmup_steps
+        before = max((s for s in trial.intermediate_values if s != step), default=-1)
+        return before < nearest
+
+    def _tally(self, study_name: str, trials: list[FrozenTrial]) -> _Tally:
+        tally = self._tallies.setdefault(study_name, _Tally())
+        if (trials and trials[-1].number != len(trials) - 1) or len(trials) < tally.n:
+            # Not numbered 0..N-1 (no prefix can be kept) or not the list tallied so far: start over,
+            # and keep no prefix of a list with gaps (everything is then the tail, walked each time).
+            tally = self._tallies[study_name] = _Tally()
+            if trials and trials[-1].number != len(trials) - 1:
+                return tally
+        tally.advance(trials)
+        return tally

@@ -1,0 +1,98 @@
+"""The median pruner (src/hpsearch/pruning.py): the same decision as Optuna's MedianPruner at every
+report, on studies that grow while trials run, finish out of order, report NaN and skip steps;
+and no read of the trial list at the epochs no other trial can change the answer for."""
+
+from __future__ import annotations
+
+import collections
+import random
+import warnings
+
+import optuna
+import pytest
+from optuna.storages import InMemoryStorage
+from optuna.trial import TrialState
+
+from hpsearch.config import PrunerConfig
+from hpsearch.pruning import MedianPruner
+from hpsearch.study import make_pruner
+
+pytestmark = pytest.mark.fast
+
+SETTINGS = [
+    dict(n_startup_trials=4, n_warmup_steps=2),  # the default study's
+    dict(n_startup_trials=0, n_warmup_steps=0, interval_steps=3, n_min_trials=5),
+    dict(n_startup_trials=12, n_warmup_steps=1, interval_steps=2, n_min_trials=2),
+]
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "interval3-min5", "startup12-interval2"])
+def test_every_decision_is_optunas(direction: str, settings: dict) -> None:
+    rng = random.Random(f"{direction}{settings}")
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.RandomSampler(seed=0))
+    ours, optunas = MedianPruner(**settings), optuna.pruners.MedianPruner(**settings)
+    running: list[optuna.Trial] = []
+    last: dict[int, int] = {}
+    quality: dict[int, float] = {}  # each trial's level: some trials are worse than others throughout
+    decided = collections.Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # both take nanmin / nanpercentile of all-NaN
+        for _ in range(1000):
+            r = rng.random()
+            if r < 0.15 or not running:
+                running.append(study.ask())
+            elif r < 0.85:
+                trial = rng.choice(running)
+                step = last.get(trial.number, -1) + rng.choice([1, 1, 1, 2])  # sometimes a step skipped
+                last[trial.number] = step
+                level = quality.setdefault(trial.number, rng.gauss(0, 3))
+                value = float("nan") if rng.random() < 0.03 else level + rng.gauss(0, 1)
+                trial.report(value, step)
+                frozen = study.trials[trial.number]
+                mine = ours.prune(study, frozen)
+                assert mine == optunas.prune(study, frozen), (trial.number, step, frozen.intermediate_values)
+                decided[mine] += 1
+            else:
+                trial = running.pop(rng.randrange(len(running)))
+                ending = rng.choice(["complete", "complete", "complete", "pruned", "fail"])
+                if ending == "complete":
+                    study.tell(trial, rng.gauss(5, 3))
+                else:
+                    study.tell(trial, state=TrialState.PRUNED if ending == "pruned" else TrialState.FAIL)
+    assert decided[True] >= 20 and decided[False] >= 20, decided  # both answers were compared
+
+
+class CountingStorage(InMemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get_all_trials(self, study_id, deepcopy=True, states=None):
+        self.reads += 1
+        return super().get_all_trials(study_id, deepcopy, states)
+
+
+def test_warm_up_epochs_read_nothing_and_later_ones_read_once() -> None:
+    storage = CountingStorage()
+    study = optuna.create_study(storage=storage, pruner=MedianPruner(n_startup_trials=1, n_warmup_steps=2))
+    for _ in range(3):
+        t = study.ask()
+        for step in range(4):
+            t.report(1.0 + step, step)
+        study.tell(t, 1.0)
+    t = study.ask()
+    for step, expected in [(0, 0), (1, 0), (2, 1), (3, 1)]:
+        t.report(100.0, step)
+        storage.reads = 0
+        pruned = t.should_prune()
+        assert storage.reads == expected, (step, storage.reads)
+        assert pruned == (step >= 2)
+
+
+def test_the_study_file_median_is_this_one_with_optunas_argument_checks() -> None:
+    pruner = make_pruner(PrunerConfig(type="median", n_startup_trials=4, n_warmup_steps=2), max_epochs=15)
+    assert isinstance(pruner, MedianPruner)
+    assert (pruner.n_startup_trials, pruner.n_warmup_steps) == (4, 2)
+    with pytest.raises(ValueError, match="interval_steps"):
+        MedianPruner(interval_steps=0)
