@@ -122,10 +122,12 @@ def populate_part(url: str, name: str, n: int, seed: int) -> None:
 
 
 def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str,
-            history: int, train_s: float = 0.0, stagger_s: float = 0.0, writes: str = "behind") -> None:
+            history: int, train_s: float = 0.0, stagger_s: float = 0.0, writes: str = "behind",
+            pruner: str = "hpsearch") -> None:
     """One process of `threads` simulated workers sharing one storage: the worker's own
     (`open_worker_storage`, trial writes sent in the background) or, with `writes="sync"`, one that
-    waits for every write."""
+    waits for every write; with `pruner="optuna"`, Optuna's MedianPruner instead of hpsearch's
+    tallied one (the same decisions)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = with_history(overhead_config(name, budget), history)
     storage = (open_worker_storage(url, cfg, pool_size=2, max_overflow=2) if writes == "behind"
@@ -134,6 +136,8 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
 
     def worker(i: int) -> None:
         study = open_study(cfg, storage, worker_index=i)
+        if pruner == "optuna":
+            study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
         objective = Timed(TrivialObjective(cfg, train_s=train_s))
         started: list[float] = []
         ended: list[float] = []
@@ -242,7 +246,7 @@ def with_history(cfg, history: int):
 
 def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
         history: int, proxy_pid: int | None, train_s: float = 0.0, solo: bool = False,
-        solo_train_s: float | None = None, writes: str = "behind") -> dict:
+        solo_train_s: float | None = None, writes: str = "behind", pruner: str = "hpsearch") -> dict:
     ctx = multiprocessing.get_context("spawn")
     go = ctx.Event()
     # `solo`: worker 0 alone in a process of its own, as a real worker is: its figures are a real
@@ -257,7 +261,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     if solo and solo_train_s is not None:
         paces[0] = solo_train_s  # shorter trials: more of them measured, at the fleet's pace of the rest
     procs = [ctx.Process(target=process, args=(url, name, budget, first, size, go, str(o),
-                                               history, pace, train_s / workers, writes))
+                                               history, pace, train_s / workers, writes, pruner))
              for first, size, o, pace in zip(firsts, sizes, outs, paces)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
@@ -350,6 +354,9 @@ def main() -> None:
     p.add_argument("--writes", nargs="+", choices=["behind", "sync"], default=["behind"],
                    help="the workers' trial writes: sent in the background as `hpsearch worker` does (behind), "
                    "or each waited for (sync); several alternate")
+    p.add_argument("--pruner", nargs="+", choices=["hpsearch", "optuna"], default=["hpsearch"],
+                   help="the median pruner: hpsearch's tallied one (pruning.py, as `hpsearch worker` uses) "
+                        "and/or Optuna's MedianPruner, which walks every complete trial at each report")
     p.add_argument("--repeats", type=int, default=1, help="repeats of every run; the order alternates")
     p.add_argument("--solo", action="store_true",
                    help="run worker 0 alone in its own process and report its figures apart (solo_*)")
@@ -368,7 +375,7 @@ def main() -> None:
     else:
         new_trials = (lambda w: 8) if args.quick else (lambda w: w + 16)  # every worker gets a trial
     tmp = Path(__import__("tempfile").mkdtemp(prefix="hpsearch-load-"))
-    contenders = [(via, refresh, writes) for writes in args.writes
+    contenders = [(via, refresh, writes, pruner) for pruner in args.pruner for writes in args.writes
                   for via, refresh in ([("postgresql", None)] if "postgresql" in args.paths else []) +
                   ([("proxy", r) for r in args.refresh] if "proxy" in args.paths else [])]
     results = []
@@ -381,7 +388,7 @@ def main() -> None:
             print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
             done = counted_so_far(pg_url, name) or existing
             for repeat in range(args.repeats):
-                for via, refresh, writes in (contenders if repeat % 2 == 0 else contenders[::-1]):
+                for via, refresh, writes, pruner in (contenders if repeat % 2 == 0 else contenders[::-1]):
                     for w in args.workers:
                         for history in args.history:
                             budget = done + new_trials(w)
@@ -393,12 +400,13 @@ def main() -> None:
                                 row = run(pg_url if proxy is None else proxy.url, pg_url, name, budget, w,
                                           args.threads_per_process, tmp, history,
                                           None if proxy is None else proxy.proc.pid, args.train_s, args.solo,
-                                          args.solo_train_s, writes)
+                                          args.solo_train_s, writes, pruner)
                             finally:
                                 if proxy is not None:
                                     proxy.stop()
                             done = budget
-                            row.update(existing=existing, via=via, refresh=refresh, writes=writes, repeat=repeat,
+                            row.update(existing=existing, via=via, refresh=refresh, writes=writes, pruner=pruner,
+                                       repeat=repeat,
                                        populate_s=round(populate_s, 1),
                                        load_average=[round(x, 2) for x in __import__("os").getloadavg()])
                             results.append(row)
@@ -416,6 +424,7 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
     if args.history != [1000]:
         command += f" --history {' '.join(map(str, args.history))}"
     for flag, value, default in (("--paths", args.paths, ["postgresql", "proxy"]), ("--refresh", args.refresh, [5.0]), ("--writes", args.writes, ["behind"]),
+                                 ("--pruner", args.pruner, ["hpsearch"]),
                                  ("--train-s", args.train_s, 0.0), ("--trials-per-worker", args.trials_per_worker, None),
                                  ("--repeats", args.repeats, 1), ("--solo", args.solo, False),
                                  ("--solo-train-s", args.solo_train_s, None)):
@@ -440,6 +449,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         via = r["via"] if r.get("refresh") is None else f"proxy, refresh {r['refresh']:g} s"
         via += f", writes {r['writes']}" if "writes" in r else ""  # runs saved before it were sync
+        via += ", Optuna's pruner" if r.get("pruner") == "optuna" else ""  # unlabelled: hpsearch's (or, saved before the option, Optuna's)
         over = f"{r['overhead_p50_ms']} / {r['overhead_p90_ms']}" if "overhead_p50_ms" in r else "-"
         lines.append(f"| {r['existing']:,} | {via} | {r['workers']} | {r['processes']} | "
                      f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "

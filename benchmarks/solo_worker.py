@@ -1,6 +1,8 @@
 """One worker alone, through `hpsearch proxy`, on a large study: what it loses per trial besides
-training, and on which storage calls, with its trial writes sent behind the training (as `hpsearch
-worker` does: `worker.open_worker_storage`) and with every call waited for (`storage.open_storage`).
+training, and on which storage calls. Three contenders: hpsearch's worker ("behind": its trial
+writes sent behind the training, `worker.open_worker_storage`, and its tallied median pruner,
+`pruning.py`); the same with every call waited for ("sync", `storage.open_storage`); and the same
+as "behind" with Optuna's own `MedianPruner` ("optuna-pruner"), which makes the same decisions.
 
 The worker runs hpsearch's real loop (`worker.trial_loop`: sweeps, budget, slot claim, lease, TPE
 on its window, the pruner) around the load test's objective (a real trial's storage traffic:
@@ -49,7 +51,11 @@ from hpsearch.study import open_study  # noqa: E402
 from hpsearch.worker import trial_loop, worker_storage  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solo_worker.json"
-CONTENDERS = ("behind", "sync")
+# (label, trial writes, pruner): hpsearch's worker, the same waiting for every write, and the same
+# with Optuna's own MedianPruner (which walks every complete trial at each report) instead of
+# hpsearch's tallied one (src/hpsearch/pruning.py; the same decisions).
+CONTENDERS = (("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"),
+              ("optuna-pruner", "behind", "optuna"))
 
 
 def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
@@ -70,12 +76,14 @@ def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
     return calls
 
 
-def one_run(url: str, name: str, writes: str, trials: int, train_s: float) -> dict:
+def one_run(url: str, name: str, writes: str, trials: int, train_s: float, pruner: str = "hpsearch") -> dict:
     budget = counted_so_far(url, name) + trials + 1
     cfg = with_history(overhead_config(name, budget), 1000)
     base = open_storage(url, cfg.storage)
     storage = worker_storage(base, url) if writes == "behind" else base
     study = open_study(cfg, storage)
+    if pruner == "optuna":
+        study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
     display = Display(Console(file=io.StringIO()), live=False)
     objective = TrivialObjective(cfg, train_s=train_s)
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=1)  # warm-up
@@ -84,7 +92,7 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float) -> di
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=trials)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     storage.close()
-    return {"writes": writes, "trials": trials, "train_s": train_s,
+    return {"writes": writes, "pruner": pruner, "trials": trials, "train_s": train_s,
             "overhead_ms": round(1000 * (wall / trials - train_s), 1),
             "cpu_ms": round(1000 * cpu / trials, 1),
             "calls": {m: {"per_trial": round(len(t) / trials, 2), "ms_per_trial": round(1000 * sum(t) / trials, 1)}
@@ -116,17 +124,19 @@ def main() -> None:
             try:
                 counted_so_far(proxy.url, name)  # the proxy's first read of the whole study, not timed
                 for r in range(args.repeats):
-                    for writes in (CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]):
-                        row = {"repeat": r, **one_run(proxy.url, name, writes, args.trials, args.train_s)}
+                    for label, writes, pruner in (CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]):
+                        row = {"repeat": r, "contender": label,
+                               **one_run(proxy.url, name, writes, args.trials, args.train_s, pruner)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             finally:
                 proxy.stop()
-    summary = {w: statistics.median(r["overhead_ms"] for r in rows if r["writes"] == w) for w in CONTENDERS}
-    print("| writes | overhead per trial ms (median of repeats) | repeats | CPU ms per trial |")
+    labels = [c[0] for c in CONTENDERS]
+    summary = {w: statistics.median(r["overhead_ms"] for r in rows if r["contender"] == w) for w in labels}
+    print("| contender | overhead per trial ms (median of repeats) | repeats | CPU ms per trial |")
     print("| --- | --- | --- | --- |")
-    for w in CONTENDERS:
-        mine = [r for r in rows if r["writes"] == w]
+    for w in labels:
+        mine = [r for r in rows if r["contender"] == w]
         print(f"| {w} | {summary[w]} | {' / '.join(str(r['overhead_ms']) for r in mine)} | "
               f"{' / '.join(str(r['cpu_ms']) for r in mine)} |")
     command = "uv run python benchmarks/solo_worker.py" + (" --quick" if args.quick else

@@ -115,12 +115,13 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
 
 
 @pytest.mark.postgres
-def test_solo_worker_quick_mode_times_both_write_modes_and_their_calls(tmp_path: Path, mnist_dir: Path) -> None:
+def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Path, mnist_dir: Path) -> None:
     out = tmp_path / "solo.json"
     r = run_quick("solo_worker.py", mnist_dir, out)
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    assert [row["writes"] for row in rows] == ["behind", "sync"]
+    assert [(row["contender"], row["writes"], row["pruner"]) for row in rows] == [
+        ("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"), ("optuna-pruner", "behind", "optuna")]
     for row in rows:
         assert row["trials"] == 2 and row["cpu_ms"] > 0
         calls = row["calls"]
@@ -128,7 +129,7 @@ def test_solo_worker_quick_mode_times_both_write_modes_and_their_calls(tmp_path:
         assert calls["create_new_trial"]["per_trial"] == 1 and calls["set_trial_state_values"]["per_trial"] == 1
     # Every trial writes 11 user attributes first (more when it is not pruned).
     assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 11
-    assert set(doc["median_overhead_ms"]) == {"behind", "sync"} and "| behind |" in r.stdout
+    assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner"} and "| optuna-pruner |" in r.stdout
 
 
 @pytest.mark.postgres

@@ -170,9 +170,24 @@ class ProxyCache(BaseStorage):
         trial_id = self.inner.create_new_trial(study_id, template_trial)
         with self._lock:
             study = self._studies.get(study_id)
-        if study is not None:
+        if study is not None and not self._append_own(study_id, study, trial_id):
             self._probe(study_id, study)
         return trial_id
+
+    def _append_own(self, study_id: int, study: _Study, trial_id: int) -> bool:
+        """Add the trial just made here when it is the next number after the list's last, as it
+        is unless another creator came between: every trial numbered before it is then in the
+        list, and one read of the trial replaces the probe's three."""
+        with study.probing:
+            trial = self.inner.get_trial(trial_id)
+            with self._lock:
+                if trial.number > len(study.trials):
+                    return False  # trials made elsewhere came between: the probe reads them
+                if trial.number == len(study.trials):
+                    study.trials.append(trial)
+                # (a full read that ran beside the create may have brought it already)
+                self._where[trial_id] = (study_id, trial.number)
+                return True
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: BaseDistribution) -> None:
