@@ -194,3 +194,23 @@ def test_a_callback_of_a_trial_whose_write_was_refused_does_not_run():
     then(storage, lambda: ran.append("later"), tid)
     storage.flush()
     assert ran == ["unrelated"]
+
+
+def test_the_id_of_a_trial_made_here_is_known_once_it_is_read():
+    class Lookups(Gated):
+        looked_up = 0
+
+        def get_trial_id_from_study_id_trial_number(self, study_id, trial_number):
+            self.looked_up += 1
+            return super().get_trial_id_from_study_id_trial_number(study_id, trial_number)
+
+    inner = Lookups()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    sid = storage.get_study_id_from_name(study.study_name)
+    first, second = study.ask(), study.ask()  # Optuna's Trial reads each trial it makes
+    assert storage.get_trial_id_from_study_id_trial_number(sid, second.number) == inner.get_trial_id_from_study_id_trial_number(sid, second.number)
+    inner.looked_up = 0
+    for t in (first, second):
+        assert storage.get_trial(storage.get_trial_id_from_study_id_trial_number(sid, t.number)).number == t.number
+    assert inner.looked_up == 0

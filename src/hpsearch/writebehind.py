@@ -78,6 +78,7 @@ class _WriteBehind(BaseStorage):
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._ids: dict[tuple[int, int], int] = {}  # (study id, trial number) -> trial id
+        self._made: dict[int, int] = {}  # trial id -> study id: trials made here, not read yet
 
     # --- the queue ------------------------------------------------------------------------
     def _defer(self, trial_id: int, method: str, key: Any, *args: Any) -> None:
@@ -196,9 +197,22 @@ class _WriteBehind(BaseStorage):
         self._defer(trial_id, "set_trial_system_attr", key, key, value)
 
     # --- the points that wait for a trial's writes ------------------------------------------
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        trial_id = self.inner.create_new_trial(study_id, template_trial)
+        with self._changed:
+            if len(self._made) >= 1_000:
+                self._made.clear()
+            self._made[trial_id] = study_id  # its number comes with its first read (Optuna's Trial reads it)
+        return trial_id
+
     def get_trial(self, trial_id: int) -> FrozenTrial:
         self.flush(trial_id)
-        return self.inner.get_trial(trial_id)
+        trial = self.inner.get_trial(trial_id)
+        with self._changed:
+            study_id = self._made.pop(trial_id, None)
+        if study_id is not None:
+            self._remember((study_id, trial.number), trial_id)  # the slot claim's lookup, answered here
+        return trial
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         self.flush(trial_id)
@@ -213,10 +227,13 @@ class _WriteBehind(BaseStorage):
         tid = self._ids.get(key)
         if tid is None:
             tid = self.inner.get_trial_id_from_study_id_trial_number(study_id, trial_number)
-            if len(self._ids) >= 10_000:
-                self._ids.clear()
-            self._ids[key] = tid
+            self._remember(key, tid)
         return tid
+
+    def _remember(self, key: tuple[int, int], trial_id: int) -> None:
+        if len(self._ids) >= 10_000:
+            self._ids.clear()
+        self._ids[key] = trial_id
 
     # --- hpsearch's own extras of RetryingStorage -------------------------------------------
     def record_lease(self, trial_id: int, key: str, value: Any) -> bool:
