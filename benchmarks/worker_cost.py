@@ -11,9 +11,12 @@ time / K. Contenders:
 - **tally**: the worker as it is (`study.BudgetTally`: the run of finished trials from trial 0 is
   counted once; each budget count and slot claim looks only at the trials after it);
 - **walk**: the same loop whose budget count, slot claim and best value walk every trial of the
-  study each time (a fresh tally per question), as the worker did before the tally.
+  study each time (a fresh tally per question), as the worker did before the tally;
+- **optuna-pruner**: the worker as it is, with Optuna's own `MedianPruner` instead of hpsearch's
+  (`pruning.py`: the same decisions, the complete trials' reports tallied once instead of walked
+  at every report, and no read at the warm-up epochs).
 
-Each repeat gives both a fresh copy of the same N trials and the same seed; the order alternates;
+Each repeat gives each a fresh copy of the same N trials and the same seed; the order alternates;
 a warm-up run before each N is not counted.
 
     uv run python benchmarks/worker_cost.py              # N = 0, 2,000, 10,000; 3 repeats of 30 trials
@@ -60,7 +63,7 @@ class Walk(BudgetTally):
         return BudgetTally().holds_slot(trials, number, budget)
 
 
-CONTENDERS = {"tally": BudgetTally, "walk": Walk}
+CONTENDERS = {"tally": BudgetTally, "walk": Walk, "optuna-pruner": BudgetTally}
 
 
 def finished_trials(cfg, n: int) -> list[optuna.trial.FrozenTrial]:
@@ -84,7 +87,9 @@ def one_run(contender: str, n: int, trials, k: int, seed: int) -> float:
     storage = RetryingStorage(InMemoryStorage(), "in-memory")
     study = open_study(cfg, storage)
     study.add_trials(trials)
-    hpsearch.worker.BudgetTally = CONTENDERS[contender]  # the one thing that differs
+    if contender == "optuna-pruner":
+        study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+    hpsearch.worker.BudgetTally = CONTENDERS[contender]  # with the pruner, the one thing that differs
     try:
         t0 = time.perf_counter()
         hpsearch.worker.trial_loop(study, storage, cfg, TrivialObjective(cfg),
@@ -119,7 +124,7 @@ def main() -> None:
                          "median_ms": round(1000 * statistics.median(per[c]), 1),
                          "repeat_ms": [round(1000 * s, 1) for s in per[c]]})
         print(json.dumps(rows[-len(CONTENDERS):]), flush=True)
-    print("| finished trials | budget count and slot claim | ms per trial (median) | repeats |")
+    print("| finished trials | contender | ms per trial (median) | repeats |")
     print("| --- | --- | --- | --- |")
     for row in rows:
         print(f"| {row['existing']:,} | {row['contender']} | {row['median_ms']} | "

@@ -154,7 +154,8 @@ def test_worker_cost_quick_mode_times_the_tally_against_the_walk(tmp_path: Path,
     out = tmp_path / "worker_cost.json"
     r = run_quick("worker_cost.py", mnist_dir, out)
     rows = json.loads(out.read_text())["results"]
-    assert [(row["existing"], row["contender"]) for row in rows] == [(0, "tally"), (0, "walk"), (300, "tally"), (300, "walk")]
+    assert [(row["existing"], row["contender"]) for row in rows] == [
+        (n, c) for n in (0, 300) for c in ("tally", "walk", "optuna-pruner")]
     assert all(row["trials"] == 3 and row["median_ms"] > 0 for row in rows)
     assert "| 300 | walk |" in r.stdout
 
