@@ -5,16 +5,18 @@ and no read of the trial list at the epochs no other trial can change the answer
 from __future__ import annotations
 
 import collections
+import math
 import random
 import warnings
 
+import numpy as np
 import optuna
 import pytest
 from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from hpsearch.config import PrunerConfig
-from hpsearch.pruning import MedianPruner
+from hpsearch.pruning import MedianPruner, median
 from hpsearch.study import make_pruner
 
 pytestmark = pytest.mark.fast
@@ -47,7 +49,9 @@ def test_every_decision_is_optunas(direction: str, settings: dict) -> None:
                 step = last.get(trial.number, -1) + rng.choice([1, 1, 1, 2])  # sometimes a step skipped
                 last[trial.number] = step
                 level = quality.setdefault(trial.number, rng.gauss(0, 3))
-                value = float("nan") if rng.random() < 0.03 else level + rng.gauss(0, 1)
+                odd = rng.random()
+                value = (float("nan") if odd < 0.03 else rng.choice([float("inf"), -float("inf")]) if odd < 0.04
+                         else level + rng.gauss(0, 1))
                 trial.report(value, step)
                 frozen = study.trials[trial.number]
                 mine = ours.prune(study, frozen)
@@ -96,3 +100,16 @@ def test_the_study_file_median_is_this_one_with_optunas_argument_checks() -> Non
     assert (pruner.n_startup_trials, pruner.n_warmup_steps) == (4, 2)
     with pytest.raises(ValueError, match="interval_steps"):
         MedianPruner(interval_steps=0)
+
+
+def test_the_median_of_the_middle_values_is_numpys_to_the_last_bit() -> None:
+    rng = random.Random(3)
+    for n in list(range(1, 12)) + [100, 101, 1000, 1001]:
+        for _ in range(20):
+            values = [rng.choice([rng.gauss(0, 1), round(rng.gauss(0, 1), 1), 1e300, -1e300, math.inf, -math.inf])
+                      for _ in range(n)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # numpy's inf - inf
+                expected = np.percentile(np.array(values), 50)
+                got = median(sorted(values))
+            assert got == expected or (math.isnan(got) and math.isnan(expected)), (sorted(values), got, expected)
