@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, made_up_loss, overhead_config  # noqa: E402
+from scaling import TrivialObjective, made_up_loss, overhead_config, with_optunas_pruner  # noqa: E402
 from storages import HOST, PORT, Proxy, admin_connection, pg_connections, pg_database  # noqa: E402
 
 from hpsearch.objective import suggest_hparams  # noqa: E402
@@ -137,7 +137,7 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
     def worker(i: int) -> None:
         study = open_study(cfg, storage, worker_index=i)
         if pruner == "optuna":
-            study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+            with_optunas_pruner(study, cfg)
         objective = Timed(TrivialObjective(cfg, train_s=train_s))
         started: list[float] = []
         ended: list[float] = []

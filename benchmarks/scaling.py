@@ -282,6 +282,12 @@ def overhead_config(name: str, n_trials: int):
                                   "budget": cfg.budget.model_copy(update={"n_trials": n_trials})})
 
 
+def with_optunas_pruner(study: optuna.Study, cfg) -> None:
+    """Give `study` Optuna's own MedianPruner with the study file's settings, in place of
+    hpsearch's (src/hpsearch/pruning.py: the same decisions): the benchmarks' optuna-pruner contender."""
+    study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+
+
 def populate(url: str, name: str, n: int) -> float:
     """`n` finished trials of the default space (values, 3 intermediate values, the attributes a real
     trial has) written into the study before the workers start; returns the seconds it took."""

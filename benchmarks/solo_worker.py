@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from loadtest import counted_so_far, kept_database, populate, with_history  # noqa: E402
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, overhead_config  # noqa: E402
+from scaling import TrivialObjective, overhead_config, with_optunas_pruner  # noqa: E402
 from storages import Proxy, pg_database  # noqa: E402
 
 from hpsearch.progress import Display  # noqa: E402
@@ -83,7 +83,7 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float, prune
     storage = worker_storage(base, url) if writes == "behind" else base
     study = open_study(cfg, storage)
     if pruner == "optuna":
-        study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+        with_optunas_pruner(study, cfg)
     display = Display(Console(file=io.StringIO()), live=False)
     objective = TrivialObjective(cfg, train_s=train_s)
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=1)  # warm-up

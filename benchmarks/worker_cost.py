@@ -41,7 +41,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, made_up_loss, overhead_config  # noqa: E402
+from scaling import TrivialObjective, made_up_loss, overhead_config, with_optunas_pruner  # noqa: E402
 
 import hpsearch.worker  # noqa: E402
 from hpsearch.objective import suggest_hparams  # noqa: E402
@@ -88,7 +88,7 @@ def one_run(contender: str, n: int, trials, k: int, seed: int) -> float:
     study = open_study(cfg, storage)
     study.add_trials(trials)
     if contender == "optuna-pruner":
-        study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+        with_optunas_pruner(study, cfg)
     hpsearch.worker.BudgetTally = CONTENDERS[contender]  # with the pruner, the one thing that differs
     try:
         t0 = time.perf_counter()
