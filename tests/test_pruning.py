@@ -28,11 +28,30 @@ SETTINGS = [
 ]
 
 
+class LateTrialThree(InMemoryStorage):
+    """Trial 3, once finished, is listed only after the study has 40 trials (as a reader may see a
+    trial finished elsewhere late): until then the list has a gap, and no prefix may be kept."""
+
+    def get_all_trials(self, study_id, deepcopy=True, states=None):
+        trials = super().get_all_trials(study_id, deepcopy, states)
+        late = len(super().get_all_trials(study_id, False)) < 40
+        return [t for t in trials if not (late and t.number == 3 and t.state.is_finished())]
+
+
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=["default", "interval3-min5", "startup12-interval2"])
 def test_every_decision_is_optunas(direction: str, settings: dict) -> None:
+    decide_as_optuna(direction, settings, None)
+
+
+def test_every_decision_is_optunas_on_a_list_with_a_gap() -> None:
+    decide_as_optuna("minimize", SETTINGS[0], LateTrialThree())
+
+
+def decide_as_optuna(direction: str, settings: dict, storage) -> None:
     rng = random.Random(f"{direction}{settings}")
-    study = optuna.create_study(direction=direction, sampler=optuna.samplers.RandomSampler(seed=0))
+    study = optuna.create_study(direction=direction, storage=storage,
+                                sampler=optuna.samplers.RandomSampler(seed=0))
     ours, optunas = MedianPruner(**settings), optuna.pruners.MedianPruner(**settings)
     running: list[optuna.Trial] = []
     last: dict[int, int] = {}
@@ -53,7 +72,7 @@ def test_every_decision_is_optunas(direction: str, settings: dict) -> None:
                 value = (float("nan") if odd < 0.03 else rng.choice([float("inf"), -float("inf")]) if odd < 0.04
                          else level + rng.gauss(0, 1))
                 trial.report(value, step)
-                frozen = study.trials[trial.number]
+                frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
                 mine = ours.prune(study, frozen)
                 assert mine == optunas.prune(study, frozen), (trial.number, step, frozen.intermediate_values)
                 decided[mine] += 1

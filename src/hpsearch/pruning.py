@@ -119,12 +119,10 @@ class MedianPruner(BasePruner):
         return before < nearest
 
     def _tally(self, study_name: str, trials: list[FrozenTrial]) -> _Tally:
-        tally = self._tallies.setdefault(study_name, _Tally())
-        if (trials and trials[-1].number != len(trials) - 1) or len(trials) < tally.n:
-            # Not numbered 0..N-1 (no prefix can be kept) or not the list tallied so far: start over,
-            # and keep no prefix of a list with gaps (everything is then the tail, walked each time).
+        if trials and trials[-1].number != len(trials) - 1:
+            return _Tally()  # not numbered 0..N-1: no prefix, every trial is the tail, walked each time
+        tally = self._tallies.get(study_name)
+        if tally is None or len(trials) < tally.n:  # new, or not the list tallied so far: start over
             tally = self._tallies[study_name] = _Tally()
-            if trials and trials[-1].number != len(trials) - 1:
-                return tally
         tally.advance(trials)
         return tally
