@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, made_up_loss, overhead_config, with_optunas_pruner  # noqa: E402
+from scaling import PRUNERS, TrivialObjective, made_up_loss, overhead_config, use_pruner  # noqa: E402
 from storages import HOST, PORT, Proxy, admin_connection, pg_connections, pg_database  # noqa: E402
 
 from hpsearch.objective import suggest_hparams  # noqa: E402
@@ -136,8 +136,7 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
 
     def worker(i: int) -> None:
         study = open_study(cfg, storage, worker_index=i)
-        if pruner == "optuna":
-            with_optunas_pruner(study, cfg)
+        use_pruner(study, cfg, pruner)
         objective = Timed(TrivialObjective(cfg, train_s=train_s))
         started: list[float] = []
         ended: list[float] = []
@@ -354,7 +353,7 @@ def main() -> None:
     p.add_argument("--writes", nargs="+", choices=["behind", "sync"], default=["behind"],
                    help="the workers' trial writes: sent in the background as `hpsearch worker` does (behind), "
                    "or each waited for (sync); several alternate")
-    p.add_argument("--pruner", nargs="+", choices=["hpsearch", "optuna"], default=["hpsearch"],
+    p.add_argument("--pruner", nargs="+", choices=PRUNERS, default=["hpsearch"],
                    help="the median pruner: hpsearch's tallied one (pruning.py, as `hpsearch worker` uses) "
                         "and/or Optuna's MedianPruner, which walks every complete trial at each report")
     p.add_argument("--repeats", type=int, default=1, help="repeats of every run; the order alternates")
@@ -451,7 +450,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         via = r["via"] if r.get("refresh") is None else f"proxy, refresh {r['refresh']:g} s"
         via += f", writes {r['writes']}" if "writes" in r else ""  # runs saved before it were sync
-        via += ", Optuna's pruner" if r.get("pruner") == "optuna" else ""  # unlabelled: hpsearch's (or, saved before the option, Optuna's)
+        via += {"optuna": ", Optuna's pruner", "no-prefetch": ", pruner without prefetch"}.get(
+            r.get("pruner"), "")  # unlabelled: hpsearch's (or, saved before the option, Optuna's)
         over = f"{r['overhead_p50_ms']} / {r['overhead_p90_ms']}" if "overhead_p50_ms" in r else "-"
         lines.append(f"| {r['existing']:,} | {via} | {r['workers']} | {r['processes']} | "
                      f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "

@@ -50,6 +50,7 @@ from rich.console import Console
 from hpsearch.config import StorageConfig, load_config
 from hpsearch.objective import suggest_hparams
 from hpsearch.progress import Display
+from hpsearch.pruning import MedianPruner, prefetch
 from hpsearch.signals import StopRequest
 from hpsearch.storage import open_storage, set_user_attrs
 from hpsearch.study import open_study
@@ -251,6 +252,7 @@ class TrivialObjective:
         set_user_attrs(trial, trivial_attrs(hp))  # as hpsearch.objective does: one transaction
         loss = made_up_loss(hp)
         for epoch in range(1, self.epochs + 1):
+            prefetch(trial, epoch)  # as hpsearch.objective does when an epoch starts
             if self.train_s:
                 time.sleep(self.train_s / self.epochs)
             trial.set_user_attr("epoch_checkpoint", {"artifact": "-", "trial": trial.number, "epoch": epoch})
@@ -282,10 +284,20 @@ def overhead_config(name: str, n_trials: int):
                                   "budget": cfg.budget.model_copy(update={"n_trials": n_trials})})
 
 
-def with_optunas_pruner(study: optuna.Study, cfg) -> None:
-    """Give `study` Optuna's own MedianPruner with the study file's settings, in place of
-    hpsearch's (src/hpsearch/pruning.py: the same decisions): the benchmarks' optuna-pruner contender."""
-    study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+PRUNERS = ("hpsearch", "optuna", "no-prefetch")
+
+
+def use_pruner(study: optuna.Study, cfg, which: str) -> None:
+    """The benchmarks' pruner contenders, with the study file's settings: "hpsearch" leaves the
+    worker's own (src/hpsearch/pruning.py: Optuna's decisions from a tally, its read started as
+    the epoch starts); "optuna" gives `study` Optuna's own MedianPruner; "no-prefetch" hpsearch's
+    without the early read (each report reads the trial list when it is made)."""
+    if which == "optuna":
+        study.pruner = optuna.pruners.MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps)
+    elif which == "no-prefetch":
+        study.pruner = MedianPruner(cfg.pruner.n_startup_trials, cfg.pruner.n_warmup_steps, prefetch_max_age_s=0)
+    elif which != "hpsearch":
+        raise ValueError(f"unknown pruner contender {which!r}; one of {PRUNERS}")
 
 
 def populate(url: str, name: str, n: int) -> float:

@@ -1,8 +1,10 @@
 """One worker alone, through `hpsearch proxy`, on a large study: what it loses per trial besides
-training, and on which storage calls. Three contenders: hpsearch's worker ("behind": its trial
+training, and on which storage calls. Four contenders: hpsearch's worker ("behind": its trial
 writes sent behind the training, `worker.open_worker_storage`, and its tallied median pruner,
-`pruning.py`); the same with every call waited for ("sync", `storage.open_storage`); and the same
-as "behind" with Optuna's own `MedianPruner` ("optuna-pruner"), which makes the same decisions.
+`pruning.py`, whose read of the trial list starts as the epoch starts); the same with every call
+waited for ("sync", `storage.open_storage`); the same as "behind" with Optuna's own
+`MedianPruner` ("optuna-pruner"), which makes the same decisions on a read made at the report;
+and the same as "behind" with hpsearch's pruner reading at the report too ("no-prefetch").
 
 The worker runs hpsearch's real loop (`worker.trial_loop`: sweeps, budget, slot claim, lease, TPE
 on its window, the pruner) around the load test's objective (a real trial's storage traffic:
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from loadtest import counted_so_far, kept_database, populate, with_history  # noqa: E402
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, overhead_config, with_optunas_pruner  # noqa: E402
+from scaling import TrivialObjective, overhead_config, use_pruner  # noqa: E402
 from storages import Proxy, pg_database  # noqa: E402
 
 from hpsearch.progress import Display  # noqa: E402
@@ -55,7 +57,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "solo_worker.json"
 # with Optuna's own MedianPruner (which walks every complete trial at each report) instead of
 # hpsearch's tallied one (src/hpsearch/pruning.py; the same decisions).
 CONTENDERS = (("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"),
-              ("optuna-pruner", "behind", "optuna"))
+              ("optuna-pruner", "behind", "optuna"), ("no-prefetch", "behind", "no-prefetch"))
 
 
 def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
@@ -82,8 +84,7 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float, prune
     base = open_storage(url, cfg.storage)
     storage = worker_storage(base, url) if writes == "behind" else base
     study = open_study(cfg, storage)
-    if pruner == "optuna":
-        with_optunas_pruner(study, cfg)
+    use_pruner(study, cfg, pruner)
     display = Display(Console(file=io.StringIO()), live=False)
     objective = TrivialObjective(cfg, train_s=train_s)
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=1)  # warm-up

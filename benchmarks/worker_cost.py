@@ -41,7 +41,7 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402
-from scaling import TrivialObjective, made_up_loss, overhead_config, with_optunas_pruner  # noqa: E402
+from scaling import TrivialObjective, made_up_loss, overhead_config, use_pruner  # noqa: E402
 
 import hpsearch.worker  # noqa: E402
 from hpsearch.objective import suggest_hparams  # noqa: E402
@@ -87,8 +87,7 @@ def one_run(contender: str, n: int, trials, k: int, seed: int) -> float:
     storage = RetryingStorage(InMemoryStorage(), "in-memory")
     study = open_study(cfg, storage)
     study.add_trials(trials)
-    if contender == "optuna-pruner":
-        with_optunas_pruner(study, cfg)
+    use_pruner(study, cfg, "optuna" if contender == "optuna-pruner" else "hpsearch")
     hpsearch.worker.BudgetTally = CONTENDERS[contender]  # with the pruner, the one thing that differs
     try:
         t0 = time.perf_counter()

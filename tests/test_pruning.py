@@ -1,12 +1,15 @@
 """The median pruner (src/hpsearch/pruning.py): the same decision as Optuna's MedianPruner at every
 report, on studies that grow while trials run, finish out of order, report NaN and skip steps;
-and no read of the trial list at the epochs no other trial can change the answer for."""
+no read of the trial list at the epochs no other trial can change the answer for; and the read
+started as the epoch starts (`prefetch`) used by its report when recent enough, and only then."""
 
 from __future__ import annotations
 
 import collections
 import math
 import random
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -16,7 +19,7 @@ from optuna.storages import InMemoryStorage
 from optuna.trial import TrialState
 
 from hpsearch.config import PrunerConfig
-from hpsearch.pruning import MedianPruner, median
+from hpsearch.pruning import MedianPruner, median, prefetch
 from hpsearch.study import make_pruner
 
 pytestmark = pytest.mark.fast
@@ -89,11 +92,85 @@ def decide_as_optuna(direction: str, settings: dict, storage) -> None:
 class CountingStorage(InMemoryStorage):
     def __init__(self) -> None:
         super().__init__()
-        self.reads = 0
+        self.reads = 0  # by the test's own thread
+        self.elsewhere = 0  # by any other thread (the prefetch)
+        self.fail_elsewhere = False
 
     def get_all_trials(self, study_id, deepcopy=True, states=None):
-        self.reads += 1
+        if threading.current_thread() is threading.main_thread():
+            self.reads += 1
+        else:
+            self.elsewhere += 1
+            if self.fail_elsewhere:
+                raise ConnectionError("the database went away")
         return super().get_all_trials(study_id, deepcopy, states)
+
+
+def _study_with_median_one(storage: CountingStorage, **pruner: float) -> tuple[optuna.Study, optuna.Trial]:
+    """Three complete trials that reported 1.0 at step 2, and a running one that reports 2.0 there:
+    worse than the median, so pruned, unless trials that reported more complete meanwhile."""
+    study = optuna.create_study(storage=storage, pruner=MedianPruner(n_startup_trials=1, n_warmup_steps=2, **pruner))
+    for _ in range(3):
+        t = study.ask()
+        t.report(1.0, 2)
+        study.tell(t, 1.0)
+    return study, study.ask()
+
+
+def _complete_four_that_reported_ten(study: optuna.Study) -> None:
+    for _ in range(4):
+        t = study.ask()
+        t.report(10.0, 2)
+        study.tell(t, 10.0)
+
+
+def test_the_read_started_with_the_epoch_is_the_reports_and_the_decision_is_on_the_study_then() -> None:
+    storage = CountingStorage()
+    study, trial = _study_with_median_one(storage)
+    prefetch(trial, 2)  # the epoch starts
+    time.sleep(0.2)  # the prefetch read finishes while it "trains"
+    _complete_four_that_reported_ten(study)  # meanwhile, elsewhere: the median is now 10
+    trial.report(2.0, 2)
+    storage.reads = 0
+    assert trial.should_prune()  # Optuna's answer on the study as the epoch started (median 1.0)
+    assert storage.reads == 0 and storage.elsewhere == 1  # the report waited on no read of its own
+    # The next report of the same step reads afresh (a prefetch is used once): median 10.
+    assert not trial.should_prune() and storage.reads == 1
+
+
+def test_a_read_older_than_the_limit_is_dropped_and_the_list_read_again() -> None:
+    storage = CountingStorage()
+    study, trial = _study_with_median_one(storage, prefetch_max_age_s=0.1)
+    prefetch(trial, 2)
+    time.sleep(0.3)  # a long epoch
+    _complete_four_that_reported_ten(study)
+    trial.report(2.0, 2)
+    storage.reads = 0
+    assert not trial.should_prune()  # on the study as now
+    assert storage.reads == 1
+
+
+def test_a_failed_prefetch_leaves_the_report_to_read_for_itself() -> None:
+    storage = CountingStorage()
+    study, trial = _study_with_median_one(storage)
+    storage.fail_elsewhere = True
+    prefetch(trial, 2)
+    trial.report(2.0, 2)
+    storage.reads = 0
+    assert trial.should_prune()
+    assert storage.reads == 1 and storage.elsewhere == 1
+
+
+def test_no_prefetch_for_a_report_the_pruner_answers_without_reading() -> None:
+    storage = CountingStorage()
+    study, trial = _study_with_median_one(storage, interval_steps=2)
+    for step in (0, 1, 3):  # warm-up steps, and a step inside an interval (2, 4, ... start one)
+        prefetch(trial, step)
+    off = MedianPruner(n_startup_trials=1, n_warmup_steps=2, prefetch_max_age_s=0)
+    study.pruner = off
+    prefetch(trial, 2)  # 0: never prefetched
+    time.sleep(0.1)
+    assert storage.elsewhere == 0
 
 
 def test_warm_up_epochs_read_nothing_and_later_ones_read_once() -> None:

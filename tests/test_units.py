@@ -22,6 +22,7 @@ from hpsearch.config import load_config
 from hpsearch.data import DeviceSplit, load_search_data
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.objective import Objective
+from hpsearch.pruning import MedianPruner
 from hpsearch.recovery import requeue
 from hpsearch.storage import artifact_store, open_storage
 from hpsearch.study import ATTR, budget_state, open_study, study_deadline
@@ -129,3 +130,32 @@ def test_an_unusable_checkpoint_is_skipped_with_the_reason(study_and_storage, sm
     assert ("other hyperparameters" in skipped) if damage == "other hyperparameters" else ("unusable" in skipped)
     assert copy.user_attrs["epochs_trained"] == copy.user_attrs["epochs"] == 1  # from epoch 1
     assert "resumed_from_trial" not in copy.user_attrs
+
+
+class PrefetchSpy(MedianPruner):
+    """hpsearch's median pruner, noting the epochs the objective asked it to read ahead for."""
+
+    def __init__(self) -> None:
+        super().__init__(n_startup_trials=1, n_warmup_steps=0)
+        self.steps: list[int] = []
+
+    def prefetch(self, study: optuna.Study, step: int) -> None:
+        self.steps.append(step)
+        super().prefetch(study, step)
+
+
+def test_the_objective_starts_the_pruners_read_as_each_epoch_starts(tmp_path, small_data):
+    cfg = load_config(write_study(tmp_path / "p.toml", "prefetch", n_trials=2, max_epochs=3))
+    url = f"sqlite:///{tmp_path / 'hpsearch.db'}"
+    study = open_study(cfg, open_storage(url, cfg.storage))
+    study.pruner = spy = PrefetchSpy()
+    study.enqueue_trial(FIXED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        study.optimize(Objective(cfg, small_data, torch.device("cpu"), artifact_store(url)), n_trials=1)
+    finally:
+        torch.set_num_threads(threads)
+    trial = study.get_trials(deepcopy=False)[-1]
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("stop_reason")
+    assert spy.steps == sorted(trial.intermediate_values) == [1, 2, 3]

@@ -43,6 +43,7 @@ from hpsearch.errors import StorageError
 from hpsearch.memory import check_fits
 from hpsearch.model import CNN, ModelSpec
 from hpsearch.provenance import code_version, library_versions
+from hpsearch.pruning import prefetch
 from hpsearch.recovery import retry_source, trial_id
 from hpsearch.storage import set_user_attrs
 from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
@@ -287,7 +288,8 @@ class Objective:
                 max_epochs=t.max_epochs, patience=t.patience,
                 plateau_factor=t.plateau_factor, plateau_patience=t.plateau_patience,
                 eval_batch_size=t.eval_batch_size, precision=self.precision, seed=seed,
-                on_epoch=report, start=resume.state if resume else None,
+                on_epoch=report, on_epoch_start=lambda epoch: prefetch(trial, epoch),
+                start=resume.state if resume else None,
                 on_checkpoint=checkpoints.save, should_stop=self.should_stop,
                 num_classes=data.num_classes,
             )

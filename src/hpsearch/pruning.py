@@ -18,6 +18,15 @@ by report, on studies with NaNs, gaps and both directions) with less work:
   so the median is read from the middle instead of computed over every value again; numpy still
   does the interpolation between the middle two, so the value is numpy's to the last bit.
 
+The read itself (the study's trial list: ~10 ms at 10,000 trials through the proxy) is the rest,
+once per epoch past the warm-up: 13 reads a trial with the default 15 epochs. The worker starts it
+when the epoch starts (`prefetch`, from `fit`'s `on_epoch_start`), in a thread, so it runs while
+the epoch trains, and the report's decision uses it when it is at most `PREFETCH_MAX_AGE_S` old;
+an older one (a long epoch, where one read more costs nothing that matters) is dropped and the
+list read again. A decision is then Optuna's on the study as it was when the epoch started:
+trials that completed elsewhere during the epoch count from the next one. Through the proxy the
+other workers' trials are up to its refresh (5 s) old anyway.
+
 Only Optuna's public API: `BasePruner`, `Study.get_trials`, `FrozenTrial`.
 """
 
@@ -26,6 +35,8 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +44,24 @@ import optuna
 from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+
+
+PREFETCH_MAX_AGE_S = 5.0  # the oldest read of the trial list a decision may use (the proxy's refresh)
+
+
+@dataclass
+class _Read:
+    """The study's trial list, read in `thread` from `started` (time.monotonic())."""
+
+    started: float
+    thread: threading.Thread | None = None
+    trials: list[FrozenTrial] | None = None  # None: the read failed (the report then reads again)
+
+    def run(self, study: optuna.Study) -> None:
+        try:
+            self.trials = study.get_trials(deepcopy=False)
+        except Exception:
+            pass  # a storage outage: the report's own read meets it, and waits it out or raises
 
 
 @dataclass
@@ -74,20 +103,46 @@ class MedianPruner(BasePruner):
     reports at the same step."""
 
     def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0, interval_steps: int = 1,
-                 n_min_trials: int = 1) -> None:
+                 n_min_trials: int = 1, prefetch_max_age_s: float = PREFETCH_MAX_AGE_S) -> None:
         # Optuna's own checks of the same arguments, with its messages.
         optuna.pruners.MedianPruner(n_startup_trials, n_warmup_steps, interval_steps, n_min_trials=n_min_trials)
         self.n_startup_trials = n_startup_trials
         self.n_warmup_steps = n_warmup_steps
         self.interval_steps = interval_steps
         self.n_min_trials = n_min_trials
+        self.prefetch_max_age_s = prefetch_max_age_s
         self._tallies: dict[str, _Tally] = {}  # by study name: a worker may prune in several studies
+        # By (study name, thread): the read started for that worker's next report.
+        self._reads: dict[tuple[str, int], _Read] = {}
+        self._lock = threading.Lock()
+
+    def prefetch(self, study: optuna.Study, step: int) -> None:
+        """Start reading `study`'s trials for the report at `step` (called as that epoch starts),
+        unless that report is one the pruner answers without them (or `prefetch_max_age_s` is 0)."""
+        if self.prefetch_max_age_s <= 0 or step < self.n_warmup_steps or (step - self.n_warmup_steps) % self.interval_steps:
+            return
+        read = _Read(time.monotonic())
+        read.thread = threading.Thread(target=read.run, args=(study,), name="hpsearch-prune-read", daemon=True)
+        with self._lock:
+            self._reads[(study.study_name, threading.get_ident())] = read
+        read.thread.start()
+
+    def _trials(self, study: optuna.Study) -> list[FrozenTrial]:
+        """The prefetched read when it is recent enough, else a read now."""
+        with self._lock:
+            read = self._reads.pop((study.study_name, threading.get_ident()), None)
+        if read is not None and time.monotonic() - read.started <= self.prefetch_max_age_s:
+            assert read.thread is not None
+            read.thread.join()
+            if read.trials is not None:
+                return read.trials
+        return study.get_trials(deepcopy=False)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
         if step is None or step < self.n_warmup_steps or not self._first_in_interval(step, trial):
             return False  # Optuna decides these the same way whatever the other trials hold
-        trials = study.get_trials(deepcopy=False)
+        trials = self._trials(study)
         tally = self._tally(study.study_name, trials)
         tail = [t for t in trials[tally.n:] if t.state == TrialState.COMPLETE]
         n_complete = tally.complete + len(tail)
@@ -126,3 +181,11 @@ class MedianPruner(BasePruner):
             tally = self._tallies[study_name] = _Tally()
         tally.advance(trials)
         return tally
+
+
+def prefetch(trial: optuna.Trial, step: int) -> None:
+    """Let the study's pruner start reading what it needs for the report at `step`, if it can
+    (hpsearch's `MedianPruner`; any other pruner reads when asked, as usual)."""
+    start = getattr(trial.study.pruner, "prefetch", None)
+    if start is not None:
+        start(trial.study, step)

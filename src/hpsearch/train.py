@@ -293,6 +293,7 @@ def fit(
     precision: Precision,
     seed: int,
     on_epoch: Callable[[EpochResult], None] = lambda r: None,
+    on_epoch_start: Callable[[int], None] = lambda epoch: None,
     start: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
@@ -301,7 +302,8 @@ def fit(
     """Train with ReduceLROnPlateau and early stopping on the validation loss.
 
     `on_epoch` runs after every epoch; the objective reports to Optuna there and may raise
-    `optuna.TrialPruned`. Raises `Diverged` on a non-finite loss, or a validation loss far above
+    `optuna.TrialPruned`. `on_epoch_start(epoch)` runs as each epoch starts (the pruner starts
+    its read of the study there, to have it by the report). Raises `Diverged` on a non-finite loss, or a validation loss far above
     a uniform guess's or the first epoch's (`divergence`; `num_classes` defaults to the largest
     validation label + 1).
 
@@ -344,6 +346,7 @@ def fit(
     for epoch in range(first, max_epochs + 1):
         if should_stop():
             raise Interrupted(f"stopped on request before epoch {epoch}")
+        on_epoch_start(epoch)
         stats = train_epoch(model, optimizer, train, normalizer, hp.batch_size, crop, generator, precision,
                             should_stop)
         if not math.isfinite(stats.loss):
