@@ -106,3 +106,31 @@ def test_a_read_made_while_a_trial_is_created_is_not_kept():
     inner.release.set()
     creator.join(10)
     assert [t.number for t in memo.get_all_trials(sid)] == [0]
+
+
+def test_reads_by_state_answer_as_a_filter_of_the_whole_list_as_trials_come_and_go() -> None:
+    """The unfinished states skip the finished run from trial 0, which only grows: checked against a
+    plain filter while trials are created, finish out of order, fail and are re-queued."""
+    import random
+
+    inner = InMemoryStorage()
+    memo = ReadMemo(inner, max_age_s=0)  # every read a real one
+    study = optuna.create_study(storage=memo)
+    sid = memo.get_study_id_from_name(study.study_name)
+    rng = random.Random(5)
+    running: list[optuna.Trial] = []
+    asks = [(TrialState.WAITING,), (TrialState.RUNNING,), (TrialState.RUNNING, TrialState.WAITING),
+            (TrialState.COMPLETE,), (TrialState.FAIL, TrialState.WAITING), None]
+    for _ in range(300):
+        move = rng.random()
+        if move < 0.4 or not running:
+            running.append(study.ask())
+        elif move < 0.5:
+            study.enqueue_trial({})
+        else:
+            t = running.pop(rng.randrange(len(running)))
+            study.tell(t, 1.0) if move < 0.8 else study.tell(t, state=TrialState.FAIL)
+        for states in asks:
+            got = [t.number for t in memo.get_all_trials(sid, deepcopy=False, states=states)]
+            want = [t.number for t in inner.get_all_trials(sid, deepcopy=False, states=states)]
+            assert got == want, (states, got, want)

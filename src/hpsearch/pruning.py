@@ -19,13 +19,14 @@ by report, on studies with NaNs, gaps and both directions) with less work:
   does the interpolation between the middle two, so the value is numpy's to the last bit.
 
 The read itself (the study's trial list: ~10 ms at 10,000 trials through the proxy) is the rest,
-once per epoch past the warm-up: 13 reads a trial with the default 15 epochs. The worker starts it
-when the epoch starts (`prefetch`, from `fit`'s `on_epoch_start`), in a thread, so it runs while
-the epoch trains, and the report's decision uses it when it is at most `PREFETCH_MAX_AGE_S` old;
-an older one (a long epoch, where one read more costs nothing that matters) is dropped and the
-list read again. A decision is then Optuna's on the study as it was when the epoch started:
-trials that completed elsewhere during the epoch count from the next one. Through the proxy the
-other workers' trials are up to its refresh (5 s) old anyway.
+once per epoch past the warm-up: 13 reads a trial with the default 15 epochs. The worker reads it
+ahead (`prefetch`, called from `fit`'s `on_epoch_start`), in a thread, while the epoch trains:
+at once for epochs shorter than `PREFETCH_MAX_AGE_S / 2`, else timed by the previous epoch's
+length to begin that long before the report. The report's decision uses the read when it began
+at most `PREFETCH_MAX_AGE_S` (5 s) ago, else reads again (an epoch much longer than the last; one
+read more then costs nothing that matters). A decision is so Optuna's on the study as it was up
+to 5 s before the report: a trial that completed elsewhere in those seconds counts from the next
+one. Through the proxy the other workers' trials are up to its refresh (5 s) old anyway.
 
 Only Optuna's public API: `BasePruner`, `Study.get_trials`, `FrozenTrial`.
 """
@@ -51,17 +52,40 @@ PREFETCH_MAX_AGE_S = 5.0  # the oldest read of the trial list a decision may use
 
 @dataclass
 class _Read:
-    """The study's trial list, read in `thread` from `started` (time.monotonic())."""
+    """A read of the study's trial list for the next report, run by `timer` (a thread)."""
 
-    started: float
-    thread: threading.Thread | None = None
-    trials: list[FrozenTrial] | None = None  # None: the read failed (the report then reads again)
+    timer: threading.Timer | None = None
+    started: float | None = None  # time.monotonic() when it began; None: not yet
+    cancelled: bool = False
+    trials: list[FrozenTrial] | None = None  # None: not read, or the read failed
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, study: optuna.Study) -> None:
+        with self.lock:
+            if self.cancelled:
+                return
+            self.started = time.monotonic()
         try:
             self.trials = study.get_trials(deepcopy=False)
         except Exception:
             pass  # a storage outage: the report's own read meets it, and waits it out or raises
+        finally:
+            self.done.set()
+
+    def result(self, max_age_s: float) -> list[FrozenTrial] | None:
+        """The trials read, when the read began at most `max_age_s` ago (waiting for its end),
+        else None; one not begun yet is cancelled."""
+        with self.lock:
+            if self.started is None:
+                self.cancelled = True
+                if self.timer is not None:
+                    self.timer.cancel()
+                return None
+        if time.monotonic() - self.started > max_age_s:
+            return None
+        self.done.wait()
+        return self.trials
 
 
 @dataclass
@@ -114,29 +138,35 @@ class MedianPruner(BasePruner):
         self._tallies: dict[str, _Tally] = {}  # by study name: a worker may prune in several studies
         # By (study name, thread): the read started for that worker's next report.
         self._reads: dict[tuple[str, int], _Read] = {}
+        self._epoch_started: dict[tuple[str, int], float] = {}  # when that worker's last epoch started
         self._lock = threading.Lock()
 
     def prefetch(self, study: optuna.Study, step: int) -> None:
-        """Start reading `study`'s trials for the report at `step` (called as that epoch starts),
-        unless that report is one the pruner answers without them (or `prefetch_max_age_s` is 0)."""
+        """Read `study`'s trials ahead for the report at `step` (called as that epoch starts), in
+        a thread, unless that report is one the pruner answers without them (or
+        `prefetch_max_age_s` is 0). The read begins when, by the last epoch's length, half of
+        `prefetch_max_age_s` is left before the report: at once for epochs shorter than that."""
+        now = time.monotonic()
+        key = (study.study_name, threading.get_ident())
+        with self._lock:
+            last = self._epoch_started.get(key)
+            self._epoch_started[key] = now
         if self.prefetch_max_age_s <= 0 or step < self.n_warmup_steps or (step - self.n_warmup_steps) % self.interval_steps:
             return
-        read = _Read(time.monotonic())
-        read.thread = threading.Thread(target=read.run, args=(study,), name="hpsearch-prune-read", daemon=True)
+        delay = 0.0 if last is None else max(0.0, now - last - self.prefetch_max_age_s / 2)
+        read = _Read()
+        read.timer = threading.Timer(delay, read.run, args=(study,))
+        read.timer.name, read.timer.daemon = "hpsearch-prune-read", True
         with self._lock:
-            self._reads[(study.study_name, threading.get_ident())] = read
-        read.thread.start()
+            self._reads[key] = read
+        read.timer.start()
 
     def _trials(self, study: optuna.Study) -> list[FrozenTrial]:
-        """The prefetched read when it is recent enough, else a read now."""
+        """The read started ahead when it is recent enough, else a read now."""
         with self._lock:
             read = self._reads.pop((study.study_name, threading.get_ident()), None)
-        if read is not None and time.monotonic() - read.started <= self.prefetch_max_age_s:
-            assert read.thread is not None
-            read.thread.join()
-            if read.trials is not None:
-                return read.trials
-        return study.get_trials(deepcopy=False)
+        trials = read.result(self.prefetch_max_age_s) if read is not None else None
+        return trials if trials is not None else study.get_trials(deepcopy=False)
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step

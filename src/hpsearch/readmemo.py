@@ -41,6 +41,7 @@ class _ReadMemo(BaseStorage):
         self._lock = threading.Lock()
         self._generation = 0  # moves on with every trial created or finished here
         self._last: tuple[int, int, float, list[FrozenTrial]] | None = None  # generation, study, when, trials
+        self._settled: dict[int, int] = {}  # by study: trials numbered below this were all finished when last read
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True,
                        states: Container[TrialState] | None = None) -> list[FrozenTrial]:
@@ -55,8 +56,25 @@ class _ReadMemo(BaseStorage):
                 if self._generation == generation:  # nothing created or finished while it ran
                     self._last = (generation, study_id, now, trials)
         if states is not None:
-            trials = [t for t in trials if t.state in states]
+            trials = self._in_states(study_id, trials, states)
         return copy.deepcopy(trials) if deepcopy else list(trials)
+
+    def _in_states(self, study_id: int, trials: list[FrozenTrial], states: Container[TrialState]) -> list[FrozenTrial]:
+        """The trials in `states`. For unfinished states only (Optuna's look for a re-queued
+        trial, the sweep's for running ones) the finished run from trial 0 is skipped: a finished
+        trial never changes, so it is looked at once, not at every read."""
+        start = 0
+        if trials and trials[-1].number == len(trials) - 1 and not any(s.is_finished() for s in TrialState if s in states):
+            with self._lock:
+                start = self._settled.get(study_id, 0)
+            start = start if start <= len(trials) else 0
+            settled = start
+            while settled < len(trials) and trials[settled].state.is_finished():
+                settled += 1
+            with self._lock:
+                self._settled[study_id] = settled
+            start = settled
+        return [t for t in trials[start:] if t.state in states]
 
     def _changing(self) -> None:
         with self._lock:
