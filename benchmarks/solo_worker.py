@@ -19,6 +19,8 @@ by method (not the writes sent in the background).
     uv run python benchmarks/solo_worker.py                  # N = 10,000 (written first: ~6 min), 3 repeats of 15 trials
     uv run python benchmarks/solo_worker.py --database NAME  # reuse study load-N in a kept database
     uv run python benchmarks/solo_worker.py --quick          # N = 20, 1 repeat of 2 trials
+    uv run python benchmarks/solo_worker.py --epochs 15 --train-s 3 --contenders behind no-prefetch
+                                                             # the default study's 15 epochs, two contenders
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
     return calls
 
 
-def one_run(url: str, name: str, writes: str, trials: int, train_s: float, pruner: str = "hpsearch") -> dict:
+def one_run(url: str, name: str, writes: str, trials: int, train_s: float, pruner: str = "hpsearch",
+            epochs: int = 3) -> dict:
     budget = counted_so_far(url, name) + trials + 1
     cfg = with_history(overhead_config(name, budget), 1000)
     base = open_storage(url, cfg.storage)
@@ -86,14 +89,14 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float, prune
     study = open_study(cfg, storage)
     use_pruner(study, cfg, pruner)
     display = Display(Console(file=io.StringIO()), live=False)
-    objective = TrivialObjective(cfg, train_s=train_s)
+    objective = TrivialObjective(cfg, epochs=epochs, train_s=train_s)
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=1)  # warm-up
     calls = waited_on(base)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=trials)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     storage.close()
-    return {"writes": writes, "pruner": pruner, "trials": trials, "train_s": train_s,
+    return {"writes": writes, "pruner": pruner, "trials": trials, "train_s": train_s, "epochs": epochs,
             "overhead_ms": round(1000 * (wall / trials - train_s), 1),
             "cpu_ms": round(1000 * cpu / trials, 1),
             "calls": {m: {"per_trial": round(len(t) / trials, 2), "ms_per_trial": round(1000 * sum(t) / trials, 1)}
@@ -107,6 +110,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=15, help="trials per contender per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--train-s", type=float, default=1.5, help="each trial's training, slept")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per trial (a report and a pruning check each; "
+                                                           "the default study's warm-up is 2)")
+    p.add_argument("--contenders", nargs="+", choices=[c[0] for c in CONTENDERS], default=[c[0] for c in CONTENDERS])
     p.add_argument("--database", help="a kept PostgreSQL database holding study load-N (created if missing)")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--data-dir", help=argparse.SUPPRESS)  # accepted like the other benchmarks'
@@ -125,14 +131,15 @@ def main() -> None:
             try:
                 counted_so_far(proxy.url, name)  # the proxy's first read of the whole study, not timed
                 for r in range(args.repeats):
-                    for label, writes, pruner in (CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]):
+                    chosen = [c for c in CONTENDERS if c[0] in args.contenders]
+                    for label, writes, pruner in (chosen if r % 2 == 0 else chosen[::-1]):
                         row = {"repeat": r, "contender": label,
-                               **one_run(proxy.url, name, writes, args.trials, args.train_s, pruner)}
+                               **one_run(proxy.url, name, writes, args.trials, args.train_s, pruner, args.epochs)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             finally:
                 proxy.stop()
-    labels = [c[0] for c in CONTENDERS]
+    labels = [c[0] for c in CONTENDERS if c[0] in args.contenders]
     summary = {w: statistics.median(r["overhead_ms"] for r in rows if r["contender"] == w) for w in labels}
     print("| contender | overhead per trial ms (median of repeats) | repeats | CPU ms per trial |")
     print("| --- | --- | --- | --- |")
@@ -142,7 +149,10 @@ def main() -> None:
               f"{' / '.join(str(r['cpu_ms']) for r in mine)} |")
     command = "uv run python benchmarks/solo_worker.py" + (" --quick" if args.quick else
                                                           f" --existing {args.existing} --trials {args.trials} "
-                                                          f"--repeats {args.repeats} --train-s {args.train_s:g}")
+                                                          f"--repeats {args.repeats} --train-s {args.train_s:g}"
+                                                          + (f" --epochs {args.epochs}" if args.epochs != 3 else "")
+                                                          + (f" --contenders {' '.join(args.contenders)}"
+                                                             if len(labels) < len(CONTENDERS) else ""))
     doc = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "command": command + (f" --database {args.database}" if args.database else ""),
            "existing": args.existing, "median_overhead_ms": summary, "results": rows}

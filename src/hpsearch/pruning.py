@@ -158,7 +158,10 @@ class MedianPruner(BasePruner):
         read.timer = threading.Timer(delay, read.run, args=(study,))
         read.timer.name, read.timer.daemon = "hpsearch-prune-read", True
         with self._lock:
+            unused = self._reads.pop(key, None)  # a trial that ended before its report, say
             self._reads[key] = read
+        if unused is not None:
+            unused.result(0)  # cancelled if not begun
         read.timer.start()
 
     def _trials(self, study: optuna.Study) -> list[FrozenTrial]:
