@@ -17,7 +17,8 @@ must be 0) with the number of over-budget claims refused.
 Paced runs (`--train-s S`): each trial also sleeps S seconds in all (its training, without CPU),
 and the workers join one after another over S seconds, so the storage sees a real fleet's pace
 instead of 64 workers asking at once on two cores; `overhead` is then a trial's time in the
-worker loop minus S, what a worker loses per trial to the search machinery.
+worker loop minus the training it slept (S, or less for a pruned trial), what a worker loses per
+trial to the search machinery.
 `--refresh` runs the proxy with several `hpsearch proxy --refresh` values, one proxy each (0: every
 read goes to the database, as Optuna's cached storage alone does).
 
@@ -72,14 +73,17 @@ class Timed:
         self.current: int | None = None  # as hpsearch's objective: the trial it entered last
         self.entered: list[float] = []
         self.left: list[float] = []
+        self.slept: list[float] = []  # the training each call slept (all of train_s unless pruned)
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.current = trial.number
         self.entered.append(time.perf_counter())
+        before = len(self.inner.slept)
         try:
             return self.inner(trial)
         finally:
             self.left.append(time.perf_counter())
+            self.slept.append(sum(self.inner.slept[before:]))
 
 
 def populate(url: str, name: str, n: int) -> float:
@@ -156,11 +160,11 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
                    StopRequest())
         # Trials refused as over budget never enter the objective: pair only the ones that did.
         for s, e in zip(started, ended):
-            inside = [(a, b) for a, b in zip(objective.entered, objective.left) if s <= a <= e]
+            inside = [(a, b, z) for a, b, z in zip(objective.entered, objective.left, objective.slept) if s <= a <= e]
             if inside:
-                a, b = inside[0]
+                a, b, slept = inside[0]
                 # overhead: the trial's time in the worker loop that was not its (slept) training
-                rows.append({"ask": a - s, "tell": e - b, "trial": e - s, "overhead": e - s - train_s})
+                rows.append({"ask": a - s, "tell": e - b, "trial": e - s, "overhead": e - s - slept})
 
     pool = [threading.Thread(target=worker, args=(first_index + i,)) for i in range(threads)]
     for t in pool:

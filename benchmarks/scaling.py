@@ -246,15 +246,18 @@ class TrivialObjective:
         self.cfg = cfg
         self.epochs = epochs
         self.train_s = train_s  # a trial's training, slept (no CPU) in equal parts before each report
+        self.slept: list[float] = []  # per call: the training slept (less than train_s when pruned)
 
     def __call__(self, trial: optuna.Trial) -> float:
         hp = suggest_hparams(trial, self.cfg.search)
         set_user_attrs(trial, trivial_attrs(hp))  # as hpsearch.objective does: one transaction
         loss = made_up_loss(hp)
+        self.slept.append(0.0)
         for epoch in range(1, self.epochs + 1):
             prefetch(trial, epoch)  # as hpsearch.objective does when an epoch starts
             if self.train_s:
                 time.sleep(self.train_s / self.epochs)
+                self.slept[-1] += self.train_s / self.epochs
             trial.set_user_attr("epoch_checkpoint", {"artifact": "-", "trial": trial.number, "epoch": epoch})
             trial.report(loss * (1 + 1 / epoch), epoch)
             if trial.should_prune():
