@@ -151,7 +151,8 @@ class MedianPruner(BasePruner):
         with self._lock:
             last = self._epoch_started.get(key)
             self._epoch_started[key] = now
-        if self.prefetch_max_age_s <= 0 or step < self.n_warmup_steps or (step - self.n_warmup_steps) % self.interval_steps:
+        answered_without = step < self.n_warmup_steps or (step - self.n_warmup_steps) % self.interval_steps
+        if self.prefetch_max_age_s <= 0 or answered_without:
             return
         delay = 0.0 if last is None else max(0.0, now - last - self.prefetch_max_age_s / 2)
         read = _Read()

@@ -64,7 +64,8 @@ class _ReadMemo(BaseStorage):
         trial, the sweep's for running ones) the finished run from trial 0 is skipped: a finished
         trial never changes, so it is looked at once, not at every read."""
         start = 0
-        if trials and trials[-1].number == len(trials) - 1 and not any(s.is_finished() for s in TrialState if s in states):
+        unfinished_only = not any(s.is_finished() for s in TrialState if s in states)
+        if unfinished_only and trials and trials[-1].number == len(trials) - 1:
             with self._lock:
                 start = self._settled.get(study_id, 0)
             start = start if start <= len(trials) else 0

@@ -303,9 +303,9 @@ def fit(
 
     `on_epoch` runs after every epoch; the objective reports to Optuna there and may raise
     `optuna.TrialPruned`. `on_epoch_start(epoch)` runs as each epoch starts (the pruner starts
-    its read of the study there, to have it by the report). Raises `Diverged` on a non-finite loss, or a validation loss far above
-    a uniform guess's or the first epoch's (`divergence`; `num_classes` defaults to the largest
-    validation label + 1).
+    its read of the study there, to have it by the report). Raises `Diverged` on a non-finite
+    loss, or a validation loss far above a uniform guess's or the first epoch's (`divergence`;
+    `num_classes` defaults to the largest validation label + 1).
 
     `on_checkpoint` gets a `TrainState` after every epoch that is not the last one (after
     `on_epoch`, so a pruned epoch is not saved); `start` continues from such a state instead of
