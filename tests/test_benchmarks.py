@@ -130,9 +130,11 @@ def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Pat
         assert calls["create_new_trial"]["per_trial"] == 1 and calls["set_trial_state_values"]["per_trial"] == 1
     # Every trial writes 11 user attributes first (more when it is not pruned).
     assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 11
-    # The pruner's reads run beside the training: the worker waits on no more of them than reading at the report.
+    # The pruner's reads run beside the training: the worker waits on no more of them than reading at
+    # the report (as many when the memo answers the report's reads; Optuna's pruner, which reads at the
+    # warm-up epochs too, is left out: with epochs of 0.1 s the memo answers some of its reads).
     reads = {row["contender"]: row["calls"]["get_all_trials"]["per_trial"] for row in rows}
-    assert reads["behind"] <= reads["no-prefetch"] <= reads["optuna-pruner"]
+    assert reads["behind"] <= reads["no-prefetch"]
     assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner", "no-prefetch"}
     assert "| optuna-pruner |" in r.stdout and "| no-prefetch |" in r.stdout
 
