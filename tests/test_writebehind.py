@@ -1,6 +1,7 @@
-"""A worker's trial writes sent in the background (hpsearch.writebehind): they return before they
-land, a trial's reads and its tell wait for them, the last value written is the one stored, and a
-refused write surfaces at the trial's next call."""
+"""A worker's trial writes and its tell sent in the background (hpsearch.writebehind): they return
+before they land, the tell lands after the trial's writes, reads through the worker's storage see
+the trial as written and told meanwhile, the last value written is the one stored, a refused write
+surfaces at the trial's next call and a refused tell from `lost()`."""
 
 from __future__ import annotations
 
@@ -55,10 +56,16 @@ class Gated(InMemoryStorage):
     def set_trial_intermediate_value(self, *args):
         return self._land("set_trial_intermediate_value", *args)
 
+    def set_trial_state_values(self, trial_id, state, values=None):
+        changed = super().set_trial_state_values(trial_id, state, values)
+        self.landed.append(("set_trial_state_values", state))
+        return changed
 
-def test_trial_writes_return_before_they_land_and_tell_waits_for_them():
+
+def test_trial_writes_and_the_tell_return_before_they_land_and_the_tell_lands_last():
     inner = Gated()
-    study = optuna.create_study(storage=WriteBehind(inner), study_name="s")
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage, study_name="s")
     trial = study.ask()
     inner.gate.clear()  # nothing the trial writes can land now
     x = trial.suggest_float("x", 0, 1)
@@ -70,31 +77,69 @@ def test_trial_writes_return_before_they_land_and_tell_waits_for_them():
 
     told = threading.Thread(target=study.tell, args=(trial, 0.25))
     told.start()
-    told.join(0.3)
-    assert told.is_alive(), "tell finished the trial while its writes were still queued"
-    assert inner.get_trial(trial._trial_id).state == TrialState.RUNNING
+    told.join(5)
+    assert not told.is_alive(), "tell waited for the trial's writes"
+    assert inner.get_trial(trial._trial_id).state == TrialState.RUNNING  # nothing has landed
+    # ... but every read through the worker's storage sees the trial as told.
+    for t in (storage.get_trial(trial._trial_id), study.get_trials(deepcopy=False)[0],
+              study.get_trials(states=(TrialState.COMPLETE,))[0]):
+        assert (t.state, t.value, t.params, t.user_attrs, t.intermediate_values) == (
+            TrialState.COMPLETE, 0.25, {"x": x}, {"seed": 7}, {1: 0.5})
+    assert study.get_trials(states=(TrialState.RUNNING,)) == []
     inner.gate.set()
-    told.join(10)
+    storage.flush()
     t = inner.get_trial(trial._trial_id)
     assert (t.state, t.value, t.params, t.user_attrs, t.intermediate_values) == (
         TrialState.COMPLETE, 0.25, {"x": x}, {"seed": 7}, {1: 0.5})
+    assert inner.landed[-1] == ("set_trial_state_values", TrialState.COMPLETE), "the state landed before a write"
+    assert storage.lost() == []
 
 
-def test_a_trial_read_waits_for_its_writes():
+def test_a_trial_run_here_reads_with_its_queued_writes_and_another_waits_for_them():
     inner = Gated()
     storage = WriteBehind(inner)
     study = optuna.create_study(storage=storage)
     trial = study.ask()
     inner.gate.clear()
     trial.set_user_attr("curve", [1])
+    assert storage.get_trial(trial._trial_id).user_attrs == {"curve": [1]}  # at once, as it will be stored
+    assert inner.get_trial(trial._trial_id).user_attrs == {}
+    inner.gate.set()
+    storage.flush()
+    # A trial this storage did not make or start (another worker's, failed by a sweep here, say):
+    # its read waits for the writes made to it here.
+    sid = storage.get_study_id_from_name(study.study_name)
+    other = inner.create_new_trial(sid)
+    inner.gate.clear()
+    storage.set_trial_user_attr(other, "stop_reason", "stale")
     seen: list = []
-    reader = threading.Thread(target=lambda: seen.append(storage.get_trial(trial._trial_id).user_attrs))
+    reader = threading.Thread(target=lambda: seen.append(storage.get_trial(other).user_attrs))
     reader.start()
     reader.join(0.3)
     assert reader.is_alive() and not seen
     inner.gate.set()
     reader.join(10)
-    assert seen == [{"curve": [1]}]
+    assert seen == [{"stop_reason": "stale"}]
+
+
+def test_a_tell_refused_after_it_was_sent_behind_comes_back_from_lost():
+    inner = Gated()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    first, second = study.ask(), study.ask()
+    inner.gate.clear()
+    first.set_user_attr("stop_reason", "done")
+    study.tell(first, 1.0)  # queued behind its attribute
+    study.tell(second, 2.0)  # queued behind the first one's tell, and not refused
+    inner.set_trial_state_values(first._trial_id, TrialState.FAIL)  # a sweep elsewhere failed it meanwhile
+    inner.gate.set()
+    storage.flush()
+    lost = storage.lost()
+    assert [(x.number, x.state, type(x.error)) for x in lost] == [
+        (first.number, TrialState.COMPLETE, optuna.exceptions.UpdateFinishedTrialError)]
+    assert storage.lost() == []  # each one once
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert storage.get_trial(first._trial_id).state == TrialState.FAIL  # no longer read as told
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -108,6 +153,7 @@ def test_the_last_value_written_is_the_one_stored(seed):
     for s in storages:
         sid = s.create_new_study([optuna.study.StudyDirection.MINIMIZE], "s")
         ids.append(s.create_new_trial(sid))
+        s.get_trial(ids[-1])  # as Optuna's Trial reads the trial it makes
     for _ in range(200):
         method = rng.choice(WRITES)
         key = rng.choice(["a", "b", "c"])
@@ -121,9 +167,13 @@ def test_the_last_value_written_is_the_one_stored(seed):
                 getattr(s, method)(tid, key, value)
     for s, tid in zip(storages, ids):
         s.set_trial_state_values(tid, TrialState.COMPLETE, [1.0])
-    got, want = (s.get_trial(tid) for s, tid in zip(storages, ids))
-    assert (got.params, got.user_attrs, got.system_attrs, got.intermediate_values) == (
-        want.params, want.user_attrs, want.system_attrs, want.intermediate_values)
+    fields = ("state", "values", "params", "distributions", "user_attrs", "system_attrs", "intermediate_values")
+    want = direct.get_trial(ids[1])
+    told = storages[0].get_trial(ids[0])  # read while the writes may still be landing: as told
+    assert [getattr(told, f) for f in fields] == [getattr(want, f) for f in fields]
+    storages[0].flush()
+    got = inner.get_trial(ids[0])
+    assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
     # Coalescing may skip a value that was replaced before it left, never reorder two of a key.
     assert len(inner.landed) <= 200
 
@@ -214,3 +264,81 @@ def test_the_id_of_a_trial_made_here_is_known_once_it_is_read():
     for t in (first, second):
         assert storage.get_trial(storage.get_trial_id_from_study_id_trial_number(sid, t.number)).number == t.number
     assert inner.looked_up == 0
+
+
+def test_the_worker_notes_a_refused_tell_and_counts_its_budget_afresh():
+    import io
+
+    from rich.console import Console
+
+    from hpsearch.errors import StorageError
+    from hpsearch.progress import Display
+    from hpsearch.study import BudgetTally
+    from hpsearch.worker import _refused_tells
+
+    class Gone(Gated):
+        """The storage gone for good (past reconnect_timeout) when a given trial's tell is sent."""
+
+        gone_for: int | None = None
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            if trial_id == self.gone_for:
+                raise StorageError("the storage did not come back within 600 s")
+            return super().set_trial_state_values(trial_id, state, values)
+
+    inner = Gone()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    first, second = study.ask(), study.ask()
+    inner.gate.clear()
+    first.set_user_attr("stop_reason", "done")
+    study.tell(first, 1.0)
+    study.tell(second, 2.0)
+    tally = BudgetTally()
+    before = tally.state(study.get_trials(deepcopy=False), 10)  # read as told: both complete
+    assert (before.complete, before.failed) == (2, 0)
+    inner.set_trial_state_values(first._trial_id, TrialState.FAIL)  # a sweep elsewhere
+    inner.gate.set()
+    storage.flush()
+    log = io.StringIO()
+    assert _refused_tells(storage, tally, Display(Console(file=log, width=400), live=False))
+    assert f"trial {first.number} was finished elsewhere before its complete result was recorded here" in log.getvalue()
+    after = tally.state(study.get_trials(deepcopy=False), 10)
+    assert (after.complete, after.failed) == (1, 1)  # not the stale prefix's 2 complete
+    assert not _refused_tells(storage, tally, Display(Console(file=log, width=400), live=False))
+
+    third = study.ask()
+    inner.gone_for = third._trial_id
+    study.tell(third, 3.0)
+    storage.flush()
+    with pytest.raises(StorageError):
+        _refused_tells(storage, tally, Display(Console(file=log, width=400), live=False))
+
+
+def test_a_trials_tail_is_sent_after_the_next_trial_has_begun(monkeypatch):
+    """A trial's last writes and its tell wait until the next trial writes (its creation, reads and
+    sampling, which the worker waits on, go first), or until a flush."""
+    import hpsearch.writebehind as wb
+
+    monkeypatch.setattr(wb, "HOLD_S", 60.0)  # only the next trial's write or a flush ends the hold here
+    inner = Gated()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    first = study.ask()
+    first.set_user_attr("stop_reason", "done")
+    study.tell(first, 1.0)
+    second = study.ask()  # created and read while the first one's tail waits
+    assert study.get_trials(deepcopy=False)[0].state == TrialState.COMPLETE  # read as told meanwhile
+    time.sleep(0.3)
+    assert inner.get_trial(first._trial_id).state == TrialState.RUNNING and inner.landed == []
+    x = second.suggest_float("x", 0, 1)  # the next trial's first write: the tail goes now
+    deadline = time.monotonic() + 10
+    while inner.get_trial(second._trial_id).params != {"x": x} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inner.landed[:3] == [("set_trial_user_attr", "stop_reason"), ("set_trial_state_values", TrialState.COMPLETE),
+                                ("set_trial_param", "x")]
+    study.tell(second, 2.0)
+    time.sleep(0.3)
+    assert inner.get_trial(second._trial_id).state == TrialState.RUNNING  # held again, until ...
+    storage.flush()  # ... a flush (the worker leaving), which sends at once
+    assert inner.get_trial(second._trial_id).state == TrialState.COMPLETE

@@ -201,6 +201,11 @@ class BudgetTally:
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tally: the next question walks every trial (after a trial this worker had
+        read as told turned out to be finished elsewhere; see writebehind.lost)."""
         self._n = 0  # trials 0 .. _n-1: finished, tallied below
         self._states = {s: 0 for s in TrialState}  # the prefix's trials that count, by state
         self._failed: set[int] = set()  # the prefix's failed trials that count, unless re-queued
@@ -210,7 +215,7 @@ class BudgetTally:
 
     def _advance(self, trials: list[FrozenTrial]) -> None:
         if (trials and trials[-1].number != len(trials) - 1) or len(trials) < self._n:
-            self.__init__()  # not numbered 0..N-1 (no prefix), or not this study's trials
+            self.reset()  # not numbered 0..N-1 (no prefix), or not this study's trials
             return
         while self._n < len(trials) and trials[self._n].state.is_finished():
             t = trials[self._n]

@@ -38,7 +38,7 @@ from hpsearch.storage import (RetryingStorage, StorageStopped, artifact_store, b
                               redact)
 from hpsearch.study import BudgetState, BudgetTally, check_split, open_study, study_deadline
 from hpsearch.train import Interrupted
-from hpsearch.writebehind import WriteBehind, flush
+from hpsearch.writebehind import WriteBehind, flush, lost
 
 ENV_DATA_DIR = "HPSEARCH_DATA_DIR"
 
@@ -144,18 +144,23 @@ def _run(opts: WorkerOptions, display: Display, stop: StopRequest) -> WorkerSumm
     return summary
 
 
-def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = None, **pool: int) -> WriteBehind:
+def open_worker_storage(url: str, cfg: StudyConfig, stop: StopRequest | None = None, tell_behind: bool = True,
+                        **pool: int) -> WriteBehind:
     """The storage a worker runs trials on: outages waited out (`RetryingStorage`), a read of the
-    trial list repeated within a moment answered once (`ReadMemo`), a trial's writes sent in the
-    background while it trains (`WriteBehind`). Through a proxy 8 writes travel at once (a trial's
-    last attributes in one round trip); on a database, 2, which with the worker's own thread and
-    its lease stay within its pool of 2 + 2 connections (`open_rdb`)."""
-    return worker_storage(open_storage(url, cfg.storage, stop=stop, **pool), url)
+    trial list repeated within a moment answered once (`ReadMemo`), a trial's writes and its tell
+    sent in the background while the worker goes on (`WriteBehind`)."""
+    return worker_storage(open_storage(url, cfg.storage, stop=stop, **pool), url, tell_behind)
 
 
-def worker_storage(storage: RetryingStorage, url: str) -> WriteBehind:
-    """`storage` (opened at `url`) as a worker uses it: see `open_worker_storage`."""
-    return WriteBehind(ReadMemo(storage), senders=8 if backend_name(url) == "grpc" else 2)
+def worker_storage(storage: RetryingStorage, url: str, tell_behind: bool = True) -> WriteBehind:
+    """`storage` (opened at `url`) as a worker uses it: see `open_worker_storage`. `tell_behind`
+    False (the benchmarks' baseline) has each tell wait for its trial's writes."""
+    # Two writes in flight: nothing waits on them (the tell included), fewer at once leave the proxy
+    # or the database to the worker's own calls, and on a database, with the worker's own thread
+    # and its lease, they keep within its pool of 2 + 2 connections (`open_rdb`). (With the tell
+    # waiting for a trial's last writes, 8 at once through a proxy sent them in one round trip.)
+    senders = 8 if backend_name(url) == "grpc" and not tell_behind else 2
+    return WriteBehind(ReadMemo(storage), senders=senders, tell_behind=tell_behind)
 
 
 DATA_ATTR = "hpsearch_data"  # study user attribute: classes, their original labels, counts per part
@@ -209,6 +214,7 @@ def trial_loop(
                 reason = f"study timeout of {cfg.budget.timeout_minutes:g} minutes reached"
                 break
             swept = sweeper.sweep()
+            swept = _refused_tells(storage, tally, display) or swept
             # The count taken just after this worker's last trial (for the display) is as current as
             # a new one, unless a sweep has failed trials since: one query less per trial.
             budget = (after_last if after_last is not None and not swept
@@ -284,9 +290,25 @@ def trial_loop(
         if not _stopped_waiting(e):
             raise
         reason = f"stopped by {stop.signal_name} while waiting for the storage"
-    flush(storage)  # a trial's writes land before its tell; this sends any left by a stop's path
+    flush(storage)  # the last trial's writes and its tell land before the worker leaves
+    _refused_tells(storage, tally, display)
     display.note(f"worker done: {mine} trial(s) run here; {reason}")
     return WorkerSummary(mine, reason, stop.signal_name if stop.requested else None)
+
+
+def _refused_tells(storage: RetryingStorage, tally: BudgetTally, display: Display) -> bool:
+    """Note the tells sent behind (writebehind.py) that the storage refused since the last look:
+    the trial was finished elsewhere meanwhile, and this worker's budget count, which took it as
+    told, starts afresh. The storage gone for good is the worker's end, as anywhere else."""
+    refused = lost(storage)
+    for x in refused:
+        if isinstance(x.error, StorageError) or _stopped_waiting(x.error):
+            raise x.error
+        display.note(f"trial {x.number} was finished elsewhere before its {x.state.name.lower()} result "
+                     f"was recorded here ({_one_line(x.error)}); it counts as stored there")
+    if refused:
+        tally.reset()
+    return bool(refused)
 
 
 def _stopped_waiting(e: BaseException) -> bool:
@@ -343,13 +365,13 @@ def settle(study: optuna.Study, storage: RetryingStorage, number: int, e: BaseEx
     """After an error Optuna raised around trial `number` (while recording it, say): fail the trial
     with the reason if it is still RUNNING, so it neither waits for a heartbeat sweep nor counts
     as running. Returns the line for the display."""
-    trial = study.get_trials(deepcopy=False)[number]
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    trial = storage.get_trial(trial_id)  # this trial as stored now (a read of the list may be a memo)
     if trial.state.is_finished():
         return (f"trial {number} was recorded {trial.state.name.lower()}; Optuna then raised "
                 f"{_one_line(e)}; going on")
     reason = f"failed: {_one_line(e)}"
-    study_id = storage.get_study_id_from_name(study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     try:
         storage.set_trial_user_attr(trial_id, "stop_reason", reason)
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
