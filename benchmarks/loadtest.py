@@ -129,13 +129,14 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
             history: int, train_s: float = 0.0, stagger_s: float = 0.0, writes: str = "behind",
             pruner: str = "hpsearch") -> None:
     """One process of `threads` simulated workers sharing one storage: the worker's own
-    (`open_worker_storage`, trial writes sent in the background) or, with `writes="sync"`, one that
-    waits for every write; with `pruner="optuna"`, Optuna's MedianPruner instead of hpsearch's
+    (`open_worker_storage`, trial writes and tells sent in the background), with
+    `writes="tell-waited"` the same with each tell waiting for its trial's writes, or with
+    `writes="sync"` one that waits for every write; with `pruner="optuna"`, Optuna's MedianPruner instead of hpsearch's
     tallied one (the same decisions)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     cfg = with_history(overhead_config(name, budget), history)
-    storage = (open_worker_storage(url, cfg, pool_size=2, max_overflow=2) if writes == "behind"
-               else open_storage(url, cfg.storage, pool_size=2, max_overflow=2))
+    storage = (open_storage(url, cfg.storage, pool_size=2, max_overflow=2) if writes == "sync"
+               else open_worker_storage(url, cfg, tell_behind=writes == "behind", pool_size=2, max_overflow=2))
     rows: list[dict] = []
 
     def worker(i: int) -> None:
@@ -354,8 +355,9 @@ def main() -> None:
                    "at a real fleet's pace, and `overhead` is a trial's time in the loop minus this")
     p.add_argument("--trials-per-worker", type=float, default=None,
                    help="new trials per run, per worker (default: W + 16 per run)")
-    p.add_argument("--writes", nargs="+", choices=["behind", "sync"], default=["behind"],
-                   help="the workers' trial writes: sent in the background as `hpsearch worker` does (behind), "
+    p.add_argument("--writes", nargs="+", choices=["behind", "tell-waited", "sync"], default=["behind"],
+                   help="the workers' trial writes: sent in the background with the tell behind them as "
+                   "`hpsearch worker` does (behind), the same with each tell waiting for them (tell-waited), "
                    "or each waited for (sync); several alternate")
     p.add_argument("--pruner", nargs="+", choices=PRUNERS, default=["hpsearch"],
                    help="the median pruner: hpsearch's tallied one (pruning.py, as `hpsearch worker` uses) "

@@ -1,10 +1,11 @@
 """One worker alone, through `hpsearch proxy`, on a large study: what it loses per trial besides
-training, and on which storage calls. Four contenders: hpsearch's worker ("behind": its trial
-writes sent behind the training, `worker.open_worker_storage`, and its tallied median pruner,
+training, and on which storage calls. Five contenders: hpsearch's worker ("behind": its trial
+writes and its tell sent behind, `worker.open_worker_storage`, and its tallied median pruner,
 `pruning.py`, whose read of the trial list starts as the epoch starts); the same with every call
 waited for ("sync", `storage.open_storage`); the same as "behind" with Optuna's own
 `MedianPruner` ("optuna-pruner"), which makes the same decisions on a read made at the report;
-and the same as "behind" with hpsearch's pruner reading at the report too ("no-prefetch").
+the same as "behind" with hpsearch's pruner reading at the report too ("no-prefetch"); and the
+same as "behind" with each tell waiting for its trial's last writes ("tell-waited").
 
 The worker runs hpsearch's real loop (`worker.trial_loop`: sweeps, budget, slot claim, lease, TPE
 on its window, the pruner) around the load test's objective (a real trial's storage traffic:
@@ -59,7 +60,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "solo_worker.json"
 # with Optuna's own MedianPruner (which walks every complete trial at each report) instead of
 # hpsearch's tallied one (src/hpsearch/pruning.py; the same decisions).
 CONTENDERS = (("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"),
-              ("optuna-pruner", "behind", "optuna"), ("no-prefetch", "behind", "no-prefetch"))
+              ("optuna-pruner", "behind", "optuna"), ("no-prefetch", "behind", "no-prefetch"),
+              ("tell-waited", "tell-waited", "hpsearch"))
 
 
 def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
@@ -85,7 +87,7 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float, prune
     budget = counted_so_far(url, name) + trials + 1
     cfg = with_history(overhead_config(name, budget), 1000)
     base = open_storage(url, cfg.storage)
-    storage = worker_storage(base, url) if writes == "behind" else base
+    storage = base if writes == "sync" else worker_storage(base, url, tell_behind=writes == "behind")
     study = open_study(cfg, storage)
     use_pruner(study, cfg, pruner)
     display = Display(Console(file=io.StringIO()), live=False)

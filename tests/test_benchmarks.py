@@ -122,12 +122,18 @@ def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Pat
     rows = doc["results"]
     assert [(row["contender"], row["writes"], row["pruner"]) for row in rows] == [
         ("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"), ("optuna-pruner", "behind", "optuna"),
-        ("no-prefetch", "behind", "no-prefetch")]
+        ("no-prefetch", "behind", "no-prefetch"), ("tell-waited", "tell-waited", "hpsearch")]
     for row in rows:
         assert row["trials"] == 2 and row["cpu_ms"] > 0
         calls = row["calls"]
-        # The worker waits on trial creation and the tell either way; on every attribute only when sync.
-        assert calls["create_new_trial"]["per_trial"] == 1 and calls["set_trial_state_values"]["per_trial"] == 1
+        # The worker waits on trial creation either way; on the tell unless it is sent behind, and
+        # on every attribute only when sync.
+        assert calls["create_new_trial"]["per_trial"] == 1
+        if row["writes"] == "behind":
+            assert "set_trial_state_values" not in calls
+            assert calls["get_trial"]["per_trial"] == 1  # only Optuna's read of the trial it makes
+        else:
+            assert calls["set_trial_state_values"]["per_trial"] == 1 and calls["get_trial"]["per_trial"] == 3
     # Every trial writes 11 user attributes first (more when it is not pruned).
     assert "set_trial_user_attr" not in rows[0]["calls"] and rows[1]["calls"]["set_trial_user_attr"]["per_trial"] >= 11
     # The pruner's reads run beside the training: the worker waits on no more of them than reading at
@@ -135,7 +141,7 @@ def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Pat
     # warm-up epochs too, is left out: with epochs of 0.1 s the memo answers some of its reads).
     reads = {row["contender"]: row["calls"]["get_all_trials"]["per_trial"] for row in rows}
     assert reads["behind"] <= reads["no-prefetch"]
-    assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner", "no-prefetch"}
+    assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner", "no-prefetch", "tell-waited"}
     assert "| optuna-pruner |" in r.stdout and "| no-prefetch |" in r.stdout
 
 
