@@ -122,15 +122,22 @@ def test_a_trial_run_here_reads_with_its_queued_writes_and_another_waits_for_the
     assert seen == [{"stop_reason": "stale"}]
 
 
-def test_a_tell_refused_after_it_was_sent_behind_comes_back_from_lost():
-    inner = Gated()
+def two_told(inner: Gated):
+    """A study on `inner` behind a WriteBehind, with two trials told while nothing can land: the
+    first one's tell queued behind its attribute, the second's behind the first one's tell."""
     storage = WriteBehind(inner)
     study = optuna.create_study(storage=storage)
     first, second = study.ask(), study.ask()
     inner.gate.clear()
     first.set_user_attr("stop_reason", "done")
-    study.tell(first, 1.0)  # queued behind its attribute
-    study.tell(second, 2.0)  # queued behind the first one's tell, and not refused
+    study.tell(first, 1.0)
+    study.tell(second, 2.0)
+    return storage, study, first, second
+
+
+def test_a_tell_refused_after_it_was_sent_behind_comes_back_from_lost():
+    inner = Gated()
+    storage, study, first, second = two_told(inner)
     inner.set_trial_state_values(first._trial_id, TrialState.FAIL)  # a sweep elsewhere failed it meanwhile
     inner.gate.set()
     storage.flush()
@@ -287,13 +294,7 @@ def test_the_worker_notes_a_refused_tell_and_counts_its_budget_afresh():
             return super().set_trial_state_values(trial_id, state, values)
 
     inner = Gone()
-    storage = WriteBehind(inner)
-    study = optuna.create_study(storage=storage)
-    first, second = study.ask(), study.ask()
-    inner.gate.clear()
-    first.set_user_attr("stop_reason", "done")
-    study.tell(first, 1.0)
-    study.tell(second, 2.0)
+    storage, study, first, second = two_told(inner)
     tally = BudgetTally()
     before = tally.state(study.get_trials(deepcopy=False), 10)  # read as told: both complete
     assert (before.complete, before.failed) == (2, 0)
