@@ -280,6 +280,7 @@ def test_the_worker_notes_a_refused_tell_and_counts_its_budget_afresh():
 
     from hpsearch.errors import StorageError
     from hpsearch.progress import Display
+    from hpsearch.storage import StorageStopped
     from hpsearch.study import BudgetTally
     from hpsearch.worker import _refused_tells
 
@@ -287,10 +288,11 @@ def test_the_worker_notes_a_refused_tell_and_counts_its_budget_afresh():
         """The storage gone for good (past reconnect_timeout) when a given trial's tell is sent."""
 
         gone_for: int | None = None
+        error: Exception = StorageError("the storage did not come back within 600 s")
 
         def set_trial_state_values(self, trial_id, state, values=None):
             if trial_id == self.gone_for:
-                raise StorageError("the storage did not come back within 600 s")
+                raise self.error
             return super().set_trial_state_values(trial_id, state, values)
 
     inner = Gone()
@@ -314,6 +316,16 @@ def test_the_worker_notes_a_refused_tell_and_counts_its_budget_afresh():
     storage.flush()
     with pytest.raises(StorageError):
         _refused_tells(storage, tally, Display(Console(file=log, width=400), live=False))
+
+    # A stop while the storage was away cut the tell short: the trial is left to the sweep (it stays
+    # RUNNING, and is re-queued once its lease lapses), and the worker leaves as stopped, not failed.
+    fourth = study.ask()
+    inner.gone_for, inner.error = fourth._trial_id, StorageStopped("stopped while waiting for the storage")
+    study.tell(fourth, 4.0)
+    storage.flush()
+    assert _refused_tells(storage, tally, Display(Console(file=log, width=400), live=False))
+    assert f"trial {fourth.number} was finished elsewhere" not in log.getvalue()
+    assert inner.get_trial(fourth._trial_id).state == TrialState.RUNNING
 
 
 def test_a_trials_tail_is_sent_after_the_next_trial_has_begun(monkeypatch):

@@ -299,10 +299,14 @@ def trial_loop(
 def _refused_tells(storage: RetryingStorage, tally: BudgetTally, display: Display) -> bool:
     """Note the tells sent behind (writebehind.py) that the storage refused since the last look:
     the trial was finished elsewhere meanwhile, and this worker's budget count, which took it as
-    told, starts afresh. The storage gone for good is the worker's end, as anywhere else."""
+    told, starts afresh. The storage gone for good is the worker's end, as anywhere else; a tell
+    cut short by a stop while the storage was away leaves its trial to the sweep, as a stop does
+    with a running trial then."""
     refused = lost(storage)
     for x in refused:
-        if isinstance(x.error, StorageError) or _stopped_waiting(x.error):
+        if _stopped_waiting(x.error):
+            continue  # a stop while the storage was away: the trial stays RUNNING, re-queued once its lease lapses
+        if isinstance(x.error, StorageError):
             raise x.error
         display.note(f"trial {x.number} was finished elsewhere before its {x.state.name.lower()} result "
                      f"was recorded here ({_one_line(x.error)}); it counts as stored there")

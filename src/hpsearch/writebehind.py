@@ -328,7 +328,7 @@ class _WriteBehind(BaseStorage):
             self._shadows.pop(tell.trial_id, None)
             self._open[tell.trial_id] -= 1
             if error is not None:
-                log.warning("trial %d: its tell was refused: %s", shadow.read.number, error)
+                log.warning("trial %d: its tell did not land: %s", shadow.read.number, error)
                 self._lost.append(Lost(shadow.read.number, tell.state, error))
             self._changed.notify_all()
 
