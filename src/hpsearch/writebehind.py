@@ -73,7 +73,7 @@ log = logging.getLogger("hpsearch.writebehind")
 
 Key = tuple[int, str, Any]  # (trial id, method, the key written: a name or a step)
 Write = tuple[str, tuple]  # (method, its arguments)
-SENDERS = 4  # writes in flight at once (the worker picks 8 through a proxy, 2 on a database)
+SENDERS = 4  # writes in flight at once (the worker picks 2; 8 through a proxy when its tell waits)
 # When to send, so that a trial's tail does not hold up the next trial: a trial's last writes and
 # its tell come in one burst as it ends, just before the worker creates the next trial, reads the
 # trial list and samples, all of which it waits on. Sent at once, the burst would be served first
@@ -149,7 +149,8 @@ class _WriteBehind(BaseStorage):
         self.inner = inner
         self.senders = senders
         self.tell_behind = tell_behind  # False: a tell waits for the trial's writes, then is sent
-        # Queued work in order: dicts of writes (sent together, a few at a time) and callbacks.
+        # Queued work in order: dicts of writes (sent together, a few at a time), callbacks and
+        # tells (`_Tell`, a tuple too: a barrier like a callback).
         self._queue: collections.deque[dict[Key, Write] | tuple[int | None, Callable[[], None]]] = \
             collections.deque()
         self._open: collections.Counter[int] = collections.Counter()  # per trial: queued + in flight
