@@ -355,3 +355,39 @@ def test_a_trials_tail_is_sent_after_the_next_trial_has_begun(monkeypatch):
     assert inner.get_trial(second._trial_id).state == TrialState.RUNNING  # held again, until ...
     storage.flush()  # ... a flush (the worker leaving), which sends at once
     assert inner.get_trial(second._trial_id).state == TrialState.COMPLETE
+
+
+def test_a_call_waited_on_holds_the_queue_back_only_for_a_while(monkeypatch):
+    """Nothing new is sent while a call is waited on, but only for `PATIENCE_S`: threads sharing
+    a storage wait on some call nearly all the time between them, and a trial's tell held longer
+    let its lease lapse (64 workers on 4 storages failed every trial that way)."""
+    import hpsearch.writebehind as wb
+
+    monkeypatch.setattr(wb, "PATIENCE_S", 0.3)
+    release = threading.Event()
+
+    class SlowReads(Gated):
+        def get_all_trials(self, study_id, deepcopy=True, states=None):
+            if threading.current_thread().name == "reader":
+                release.wait(30)  # another thread's read, under way throughout
+            return super().get_all_trials(study_id, deepcopy, states)
+
+    inner = SlowReads()
+    storage = WriteBehind(inner)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    reader = threading.Thread(target=study.get_trials, name="reader")
+    reader.start()
+    try:
+        time.sleep(0.1)  # the read is under way
+        trial.set_user_attr("a", 1)
+        time.sleep(0.15)
+        assert inner.landed == []  # held back while the read is under way ...
+        deadline = time.monotonic() + 5
+        while not inner.landed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inner.landed == [("set_trial_user_attr", "a")]  # ... but not for as long as it lasts
+        assert reader.is_alive()
+    finally:
+        release.set()
+        reader.join()

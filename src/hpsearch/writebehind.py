@@ -23,7 +23,8 @@ storage (`RetryingStorage`, so outages are still waited out) and:
   or the database, and the worker would wait on it all the same. So a write waits `DELAY_S` for
   the rest of its burst, after a tell the queue waits for the next trial's first write (its
   sampler has run by then; `HOLD_S` at most), nothing new is sent while the worker waits on a
-  call of its own, and a flush sends at once. Two writes travel at once: nothing waits on them.
+  call of its own (`PATIENCE_S` at most: threads sharing a storage wait on calls nearly all the
+  time between them), and a flush sends at once. Two writes travel at once: nothing waits on them.
 - **reads a trial run here as written and told**: until its queue drains, such a trial is answered
   from a shadow (the trial as last read, with every write and the tell made here since applied;
   `get_trial`), and it appears so in reads of the trial list (`get_all_trials`): Optuna's `tell`
@@ -80,6 +81,11 @@ SENDERS = 4  # writes in flight at once (the worker picks 2; 8 through a proxy w
 # (by the proxy or the database) and the worker would wait on it all the same.
 DELAY_S = 0.05  # a write waits this long for the rest of its burst before the queue sends
 HOLD_S = 0.5  # after a tell, the queue waits at most this long for the next trial's first write
+# ... and while a call is waited on, at most this long after the queue got work: workers that share
+# one storage (threads in a process) are nearly always waiting on some call between them, and the
+# queue must drain all the same (a tell held longer lets the trial's lease lapse: it is no longer
+# renewed once told).
+PATIENCE_S = 1.0
 
 
 class _Tell(NamedTuple):
@@ -226,16 +232,19 @@ class _WriteBehind(BaseStorage):
             return None
         if self._urgent:
             return 0.0
-        if self._waited:
-            return None
-        until = (self._dirty_since or 0.0) + DELAY_S
+        now = time.monotonic()
+        dirty = self._dirty_since if self._dirty_since is not None else now
+        if self._waited and now < dirty + PATIENCE_S:
+            return dirty + PATIENCE_S - now  # or until the call returns
+        until = dirty + DELAY_S
         if self._hold_until is not None:
             until = max(until, self._hold_until)
-        return max(0.0, until - time.monotonic())
+        return max(0.0, until - now)
 
     @contextlib.contextmanager
     def _waiting(self) -> Iterator[None]:
-        """Around a call the worker waits on: nothing new is sent until it returns."""
+        """Around a call the worker waits on: nothing new is sent until it returns (or for
+        `PATIENCE_S` since the queue got work)."""
         with self._changed:
             self._waited += 1
         try:
