@@ -34,6 +34,7 @@ import io
 import json
 import multiprocessing
 import os
+import queue
 import secrets
 import sys
 import threading
@@ -125,7 +126,7 @@ def populate_part(url: str, name: str, n: int, seed: int) -> None:
     storage.close()
 
 
-def process(url: str, name: str, budget: int, first_index: int, threads: int, go, out: str,
+def process(url: str, name: str, budget: int, first_index: int, threads: int, ready, go, out: str,
             history: int, train_s: float = 0.0, stagger_s: float = 0.0, writes: str = "behind",
             pruner: str = "hpsearch") -> None:
     """One process of `threads` simulated workers sharing one storage: the worker's own
@@ -138,10 +139,16 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
     storage = (open_storage(url, cfg.storage, pool_size=2, max_overflow=2) if writes == "sync"
                else open_worker_storage(url, cfg, tell_behind=writes == "behind", pool_size=2, max_overflow=2))
     rows: list[dict] = []
+    odd: list[dict] = []  # pairings that cannot be (a trial outside its optimize call): a broken measure
+    opened = threading.Barrier(threads + 1)
 
     def worker(i: int) -> None:
-        study = open_study(cfg, storage, worker_index=i)
-        use_pruner(study, cfg, pruner)
+        try:
+            study = open_study(cfg, storage, worker_index=i)
+            use_pruner(study, cfg, pruner)
+        except BaseException:
+            opened.abort()  # the process fails instead of waiting for this thread
+            raise
         objective = Timed(TrivialObjective(cfg, train_s=train_s))
         started: list[float] = []
         ended: list[float] = []
@@ -155,6 +162,7 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
                 ended.append(time.perf_counter())
 
         study.optimize = timed_optimize  # instrumentation only: the loop is hpsearch's own
+        opened.wait()
         go.wait()
         time.sleep(i * stagger_s)  # paced runs: workers join one after another, as a fleet's nodes do
         trial_loop(study, storage, cfg, objective, Display(Console(file=io.StringIO()), live=False),
@@ -165,18 +173,23 @@ def process(url: str, name: str, budget: int, first_index: int, threads: int, go
             if inside:
                 a, b, slept = inside[0]
                 # overhead: the trial's time in the worker loop that was not its (slept) training
-                rows.append({"ask": a - s, "tell": e - b, "trial": e - s, "overhead": e - s - slept})
+                row = {"ask": a - s, "tell": e - b, "trial": e - s, "overhead": e - s - slept}
+                if len(inside) > 1 or not s <= a <= b <= e or slept > b - a:
+                    odd.append({**row, "optimize": [s, e], "objective": inside})
+                rows.append(row)
 
     pool = [threading.Thread(target=worker, args=(first_index + i,)) for i in range(threads)]
     for t in pool:
         t.start()
+    opened.wait()  # imported, connected, the studies loaded: the clock may start
+    ready.put(first_index)
     go.wait()
     cpu0 = time.process_time()  # this process's CPU (all its threads) from the start signal on
     for t in pool:
         t.join()
     cpu = time.process_time() - cpu0
     storage.close()
-    Path(out).write_text(json.dumps({"rows": rows, "cpu_s": cpu}))
+    Path(out).write_text(json.dumps({"rows": rows, "cpu_s": cpu, "odd": odd}))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -252,7 +265,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         history: int, proxy_pid: int | None, train_s: float = 0.0, solo: bool = False,
         solo_train_s: float | None = None, writes: str = "behind", pruner: str = "hpsearch") -> dict:
     ctx = multiprocessing.get_context("spawn")
-    go = ctx.Event()
+    ready, go = ctx.Queue(), ctx.Event()
     # `solo`: worker 0 alone in a process of its own, as a real worker is: its figures are a real
     # worker's in a fleet of this size (the others share a process, and its GIL, 8 at a time).
     sizes = [1] if solo else []
@@ -264,7 +277,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     paces = [train_s] * len(sizes)
     if solo and solo_train_s is not None:
         paces[0] = solo_train_s  # shorter trials: more of them measured, at the fleet's pace of the rest
-    procs = [ctx.Process(target=process, args=(url, name, budget, first, size, go, str(o),
+    procs = [ctx.Process(target=process, args=(url, name, budget, first, size, ready, go, str(o),
                                                history, pace, train_s / workers, writes, pruner))
              for first, size, o, pace in zip(firsts, sizes, outs, paces)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
@@ -277,7 +290,14 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         while not watching.wait(0.25):
             peak[0] = max(peak[0], pg_connections(pg_url))
 
-    time.sleep(2 + n_proc)  # imports: the clock starts with the processes ready
+    started = 0  # the clock starts with every process ready, however long its imports take
+    while started < len(procs):
+        try:
+            ready.get(timeout=1)
+            started += 1
+        except queue.Empty:
+            if any(p.exitcode is not None for p in procs):
+                sys.exit(f"load test processes failed to start: {[p.exitcode for p in procs]}")
     watcher = threading.Thread(target=watch)
     watcher.start()
     servers = {"proxy": [proxy_pid] if proxy_pid else [], "database": postgres_pids()}
@@ -321,6 +341,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
         "overshoot": len(counted) - budget,
         "refused_over_budget": sum(OVER_BUDGET in t.system_attrs for t in trials) - refused_before,
         "unfinished": sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials),
+        "odd_pairings": [o for d in done for o in d["odd"]],  # must be empty (see `process`)
         **(solo_figures(done[0]) if solo else {}),
     }
 

@@ -102,6 +102,7 @@ def test_loadtest_quick_mode_runs_the_real_loop_directly_and_through_the_proxy(t
     for row in rows:
         assert row["trials"] >= 1 and row["trials_per_s"] > 0 and row["ask_p50_ms"] > 0
         assert row["overshoot"] == 0 and row["unfinished"] == 0  # the exact budget
+        assert row["odd_pairings"] == []  # every trial timed inside its own optimize call
         assert row["db_connections_peak"] >= 1
         # Where the CPU went: the workers and PostgreSQL always work, the proxy when it is used.
         cpu = row["cpu_ms_per_trial"]
