@@ -128,14 +128,15 @@ def populate_part(url: str, name: str, n: int, seed: int) -> None:
 
 def process(url: str, name: str, budget: int, first_index: int, threads: int, ready, go, out: str,
             history: int, train_s: float = 0.0, stagger_s: float = 0.0, writes: str = "behind",
-            pruner: str = "hpsearch") -> None:
+            pruner: str = "hpsearch", ahead: bool = True) -> None:
     """One process of `threads` simulated workers sharing one storage: the worker's own
     (`open_worker_storage`, trial writes and tells sent in the background), with
     `writes="tell-waited"` the same with each tell waiting for its trial's writes, or with
     `writes="sync"` one that waits for every write; with `pruner="optuna"`, Optuna's MedianPruner instead of hpsearch's
-    tallied one (the same decisions)."""
+    tallied one (the same decisions); with `ahead=False`, TPE never samples ahead (each trial is
+    sampled as it starts)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    cfg = with_history(overhead_config(name, budget), history)
+    cfg = with_history(overhead_config(name, budget), history, ahead)
     storage = (open_storage(url, cfg.storage, pool_size=2, max_overflow=2) if writes == "sync"
                else open_worker_storage(url, cfg, tell_behind=writes == "behind", pool_size=2, max_overflow=2))
     rows: list[dict] = []
@@ -257,13 +258,16 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def with_history(cfg, history: int):
-    return cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"history": history})})
+def with_history(cfg, history: int, ahead: bool = True):
+    """`cfg` with TPE's window of `history` trials; `ahead=False`: it never samples ahead."""
+    update = {"history": history} if ahead else {"history": history, "sample_ahead_from": 0}
+    return cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update=update)})
 
 
 def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process: int, tmp: Path,
         history: int, proxy_pid: int | None, train_s: float = 0.0, solo: bool = False,
-        solo_train_s: float | None = None, writes: str = "behind", pruner: str = "hpsearch") -> dict:
+        solo_train_s: float | None = None, writes: str = "behind", pruner: str = "hpsearch",
+        ahead: bool = True) -> dict:
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Queue(), ctx.Event()
     # `solo`: worker 0 alone in a process of its own, as a real worker is: its figures are a real
@@ -278,7 +282,7 @@ def run(url: str, pg_url: str, name: str, budget: int, workers: int, per_process
     if solo and solo_train_s is not None:
         paces[0] = solo_train_s  # shorter trials: more of them measured, at the fleet's pace of the rest
     procs = [ctx.Process(target=process, args=(url, name, budget, first, size, ready, go, str(o),
-                                               history, pace, train_s / workers, writes, pruner))
+                                               history, pace, train_s / workers, writes, pruner, ahead))
              for first, size, o, pace in zip(firsts, sizes, outs, paces)]
     refused_before = refused(pg_url, name)  # the study may have had runs before this one
     for p in procs:
@@ -383,6 +387,9 @@ def main() -> None:
     p.add_argument("--pruner", nargs="+", choices=PRUNERS, default=["hpsearch"],
                    help="the median pruner: hpsearch's tallied one (pruning.py, as `hpsearch worker` uses) "
                         "and/or Optuna's MedianPruner, which walks every complete trial at each report")
+    p.add_argument("--ahead", nargs="+", choices=["on", "off"], default=["on"],
+                   help="TPE samples each worker's next trial while its current one trains (on, as "
+                        "`hpsearch worker` does from 1,000 finished trials) and/or as each trial starts (off)")
     p.add_argument("--repeats", type=int, default=1, help="repeats of every run; the order alternates")
     p.add_argument("--solo", action="store_true",
                    help="run worker 0 alone in its own process and report its figures apart (solo_*)")
@@ -403,7 +410,8 @@ def main() -> None:
         # slower start on a loaded machine) is not left without one by the others' second trials.
         new_trials = (lambda w: 2 * w) if args.quick else (lambda w: w + 16)
     tmp = Path(__import__("tempfile").mkdtemp(prefix="hpsearch-load-"))
-    contenders = [(via, refresh, writes, pruner) for pruner in args.pruner for writes in args.writes
+    contenders = [(via, refresh, writes, pruner, ahead) for ahead in args.ahead for pruner in args.pruner
+                  for writes in args.writes
                   for via, refresh in ([("postgresql", None)] if "postgresql" in args.paths else []) +
                   ([("proxy", r) for r in args.refresh] if "proxy" in args.paths else [])]
     results = []
@@ -416,7 +424,7 @@ def main() -> None:
             print(f"{existing} trials written in {populate_s:.1f} s", flush=True)
             done = counted_so_far(pg_url, name) or existing
             for repeat in range(args.repeats):
-                for via, refresh, writes, pruner in (contenders if repeat % 2 == 0 else contenders[::-1]):
+                for via, refresh, writes, pruner, ahead in (contenders if repeat % 2 == 0 else contenders[::-1]):
                     for w in args.workers:
                         for history in args.history:
                             budget = done + new_trials(w)
@@ -428,13 +436,13 @@ def main() -> None:
                                 row = run(pg_url if proxy is None else proxy.url, pg_url, name, budget, w,
                                           args.threads_per_process, tmp, history,
                                           None if proxy is None else proxy.proc.pid, args.train_s, args.solo,
-                                          args.solo_train_s, writes, pruner)
+                                          args.solo_train_s, writes, pruner, ahead == "on")
                             finally:
                                 if proxy is not None:
                                     proxy.stop()
                             done = budget
                             row.update(existing=existing, via=via, refresh=refresh, writes=writes, pruner=pruner,
-                                       repeat=repeat,
+                                       ahead=ahead, repeat=repeat,
                                        populate_s=round(populate_s, 1),
                                        load_average=[round(x, 2) for x in __import__("os").getloadavg()])
                             results.append(row)
@@ -452,7 +460,7 @@ def save(args: argparse.Namespace, results: list[dict]) -> None:
     if args.history != [1000]:
         command += f" --history {' '.join(map(str, args.history))}"
     for flag, value, default in (("--paths", args.paths, ["postgresql", "proxy"]), ("--refresh", args.refresh, [5.0]), ("--writes", args.writes, ["behind"]),
-                                 ("--pruner", args.pruner, ["hpsearch"]),
+                                 ("--pruner", args.pruner, ["hpsearch"]), ("--ahead", args.ahead, ["on"]),
                                  ("--train-s", args.train_s, 0.0), ("--trials-per-worker", args.trials_per_worker, None),
                                  ("--repeats", args.repeats, 1), ("--solo", args.solo, False),
                                  ("--solo-train-s", args.solo_train_s, None)):
@@ -479,6 +487,7 @@ def table(rows: list[dict]) -> str:
         via += f", writes {r['writes']}" if "writes" in r else ""  # runs saved before it were sync
         via += {"optuna": ", Optuna's pruner", "no-prefetch": ", pruner without prefetch"}.get(
             r.get("pruner"), "")  # unlabelled: hpsearch's (or, saved before the option, Optuna's)
+        via += ", no sample ahead" if r.get("ahead") == "off" else ""
         over = f"{r['overhead_p50_ms']} / {r['overhead_p90_ms']}" if "overhead_p50_ms" in r else "-"
         lines.append(f"| {r['existing']:,} | {via} | {r['workers']} | {r['processes']} | "
                      f"{'all' if not r.get('history', 0) else format(r['history'], ',')} | {r['trials_per_s']} | "

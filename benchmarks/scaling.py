@@ -48,9 +48,9 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from hpsearch.config import StorageConfig, load_config
-from hpsearch.objective import suggest_hparams
+from hpsearch.objective import suggest_hparams, work_ahead
 from hpsearch.progress import Display
-from hpsearch.pruning import MedianPruner, prefetch
+from hpsearch.pruning import MedianPruner
 from hpsearch.signals import StopRequest
 from hpsearch.storage import open_storage, set_user_attrs
 from hpsearch.study import open_study
@@ -254,7 +254,7 @@ class TrivialObjective:
         loss = made_up_loss(hp)
         self.slept.append(0.0)
         for epoch in range(1, self.epochs + 1):
-            prefetch(trial, epoch)  # as hpsearch.objective does when an epoch starts
+            work_ahead(trial, epoch)  # as hpsearch.objective does when an epoch starts
             if self.train_s:
                 time.sleep(self.train_s / self.epochs)
                 self.slept[-1] += self.train_s / self.epochs

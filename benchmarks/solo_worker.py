@@ -4,8 +4,9 @@ writes and its tell sent behind, `worker.open_worker_storage`, and its tallied m
 `pruning.py`, whose read of the trial list starts as the epoch starts); the same with every call
 waited for ("sync", `storage.open_storage`); the same as "behind" with Optuna's own
 `MedianPruner` ("optuna-pruner"), which makes the same decisions on a read made at the report;
-the same as "behind" with hpsearch's pruner reading at the report too ("no-prefetch"); and the
-same as "behind" with each tell waiting for its trial's last writes ("tell-waited").
+the same as "behind" with hpsearch's pruner reading at the report too ("no-prefetch"); the
+same as "behind" with each tell waiting for its trial's last writes ("tell-waited"); and the
+same as "behind" with TPE never sampling ahead, each trial sampled as it starts ("no-ahead").
 
 The worker runs hpsearch's real loop (`worker.trial_loop`: sweeps, budget, slot claim, lease, TPE
 on its window, the pruner) around the load test's objective (a real trial's storage traffic:
@@ -61,7 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "solo_worker.json"
 # hpsearch's tallied one (src/hpsearch/pruning.py; the same decisions).
 CONTENDERS = (("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"),
               ("optuna-pruner", "behind", "optuna"), ("no-prefetch", "behind", "no-prefetch"),
-              ("tell-waited", "tell-waited", "hpsearch"))
+              ("tell-waited", "tell-waited", "hpsearch"), ("no-ahead", "behind", "hpsearch"))
 
 
 def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
@@ -83,9 +84,9 @@ def waited_on(storage: RetryingStorage) -> dict[str, list[float]]:
 
 
 def one_run(url: str, name: str, writes: str, trials: int, train_s: float, pruner: str = "hpsearch",
-            epochs: int = 3) -> dict:
+            epochs: int = 3, ahead: bool = True) -> dict:
     budget = counted_so_far(url, name) + trials + 1
-    cfg = with_history(overhead_config(name, budget), 1000)
+    cfg = with_history(overhead_config(name, budget), 1000, ahead)
     base = open_storage(url, cfg.storage)
     storage = base if writes == "sync" else worker_storage(base, url, tell_behind=writes == "behind")
     study = open_study(cfg, storage)
@@ -99,7 +100,7 @@ def one_run(url: str, name: str, writes: str, trials: int, train_s: float, prune
     trial_loop(study, storage, cfg, objective, display, StopRequest(), n_trials=trials)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     storage.close()
-    return {"writes": writes, "pruner": pruner, "trials": trials, "train_s": train_s, "epochs": epochs,
+    return {"writes": writes, "pruner": pruner, "ahead": ahead, "trials": trials, "train_s": train_s, "epochs": epochs,
             # the loop's time besides the training slept (less than train_s for a pruned trial)
             "overhead_ms": round(1000 * (wall - sum(objective.slept)) / trials, 1),
             "cpu_ms": round(1000 * cpu / trials, 1),
@@ -138,7 +139,8 @@ def main() -> None:
                     chosen = [c for c in CONTENDERS if c[0] in args.contenders]
                     for label, writes, pruner in (chosen if r % 2 == 0 else chosen[::-1]):
                         row = {"repeat": r, "contender": label,
-                               **one_run(proxy.url, name, writes, args.trials, args.train_s, pruner, args.epochs)}
+                               **one_run(proxy.url, name, writes, args.trials, args.train_s, pruner, args.epochs,
+                                                 ahead=label != "no-ahead")}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
             finally:

@@ -5,6 +5,7 @@ proxy alike."""
 from __future__ import annotations
 
 import io
+import logging
 import secrets
 import threading
 import time
@@ -20,7 +21,7 @@ import hpsearch.storage as storage_mod
 from conftest import REPO
 from hpsearch.config import load_config
 from hpsearch.errors import StorageError
-from hpsearch.objective import suggest_hparams
+from hpsearch.objective import suggest_hparams, work_ahead
 from hpsearch.progress import Display
 from hpsearch.recovery import LEASE, OVER_BUDGET, Lease, Sweeper, trial_id
 from hpsearch.signals import StopRequest
@@ -238,18 +239,22 @@ class TrivialObjective:
     taken_over = None
     interrupted = None
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, ahead: bool = False) -> None:
         self.cfg = cfg
+        self.ahead = ahead  # work ahead as each epoch starts, as hpsearch's objective does
 
     def __call__(self, trial: optuna.Trial) -> float:
         hp = suggest_hparams(trial, self.cfg.search)
         trial.set_user_attr("hparams", hp.to_dict())
         for epoch in (1, 2):
+            if self.ahead:
+                work_ahead(trial, epoch)
+                time.sleep(0.05)  # the epoch's training, during which the next trial is sampled
             trial.report(hp.lr * epoch, epoch)
         return hp.lr
 
 
-def run_workers(url: str | list[str], cfg, n: int, storages: int = 1) -> list:
+def run_workers(url: str | list[str], cfg, n: int, storages: int = 1, ahead: bool = False) -> list:
     """`n` workers, each the real `trial_loop` in a thread, sharing `storages` storage objects
     (with several URLs: one storage object for each, the workers dealt out in turn)."""
     urls = [url] * storages if isinstance(url, str) else url
@@ -261,7 +266,7 @@ def run_workers(url: str | list[str], cfg, n: int, storages: int = 1) -> list:
         try:
             storage = opened[i % storages]
             study = open_study(cfg, storage, worker_index=i)
-            trial_loop(study, storage, cfg, TrivialObjective(cfg),
+            trial_loop(study, storage, cfg, TrivialObjective(cfg, ahead),
                        Display(Console(file=io.StringIO()), live=False), StopRequest())
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
@@ -291,6 +296,22 @@ def test_eight_workers_end_with_exactly_the_budget(storage_url):
     assert all(t.state.is_finished() for t in trials)
     over = [t for t in trials if OVER_BUDGET in t.system_attrs]
     assert all(t.state == TrialState.FAIL and not t.params for t in over)
+
+
+def test_workers_sample_ahead_on_every_storage(storage_url, caplog):
+    """Four workers of one storage, each sampling its next trial while the current one trains
+    (window.py) from 10 finished trials on: the samples are taken, with TPE's note of them."""
+    cfg = config(n_trials=40)
+    cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"sample_ahead_from": 10})})
+    with caplog.at_level(logging.DEBUG, logger="hpsearch.window"):
+        trials = run_workers(storage_url, cfg, 4, ahead=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(counted(trials)) == len([t for t in trials if t.state == TrialState.COMPLETE]) == 40
+    assert not [m for m in messages if "sampling ahead failed" in m]
+    took = [int(m.split()[1]) for m in messages if m.endswith("takes the sample made ahead")]
+    # from trial ~12 on (10 finished, and each worker's next trial), nearly every trial takes one
+    assert len(took) >= 20, messages
+    assert all("tpe:relative_params:0" in trials[n].system_attrs for n in took)
 
 
 @pytest.mark.postgres

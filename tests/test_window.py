@@ -1,9 +1,13 @@
 """The history window TPE is asked on (src/hpsearch/window.py): what it keeps, that it is kept up to
 date incrementally exactly as if recomputed, that small studies sample exactly as plain TPE does,
-and that beyond the window TPE sees only the window."""
+and that beyond the window TPE sees only the window; and sampling ahead: below its threshold
+nothing changes, from it each trial takes the sample made while the one before trained, with
+TPE's note of it, a sample not used is dropped, and a failed one leaves the trial sampled as usual."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 
@@ -16,6 +20,7 @@ from optuna.trial import TrialState, create_trial
 
 from hpsearch.config import MIN_HISTORY, load_config
 from hpsearch.errors import ConfigError
+from hpsearch.objective import work_ahead
 from hpsearch.study import make_sampler
 from hpsearch.window import KEEP_BEST, History, HistoryWindowSampler
 
@@ -113,15 +118,18 @@ def test_within_the_window_it_samples_exactly_as_plain_tpe():
 
 
 class Seen(optuna.samplers.TPESampler):
-    """TPE noting how many finished trials each relative sample was made on."""
+    """TPE noting how many finished trials each relative sample was made on, and what it sampled."""
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.finished_seen: list[int] = []
+        self.sampled: list[dict] = []
 
     def sample_relative(self, study, trial, search_space):
         self.finished_seen.append(len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))))
-        return super().sample_relative(study, trial, search_space)
+        params = super().sample_relative(study, trial, search_space)
+        self.sampled.append(params)
+        return params
 
 
 def test_beyond_the_window_tpe_models_only_the_window_and_still_finds_the_best_region():
@@ -149,3 +157,94 @@ def test_a_study_file_with_too_small_a_history_is_one_error(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match="history"):
         load_config(path)
+
+
+# --- sampling ahead ---------------------------------------------------------------------------------
+
+
+def working_ahead(trial: optuna.Trial) -> float:
+    """`cnn_space`, then two epochs start (the worker's objective lets the sampler sample ahead
+    there: once a trial)."""
+    value = cnn_space(trial)
+    work_ahead(trial, 1)
+    work_ahead(trial, 2)
+    return value
+
+
+def seen_tpe(seed: int) -> Seen:
+    return Seen(seed=seed, n_startup_trials=8, multivariate=True, group=True, constant_liar=True)
+
+
+def test_below_sample_ahead_from_it_samples_exactly_as_plain_tpe():
+    plain = optuna.create_study(sampler=tpe(3))
+    storage = InMemoryStorage()
+    cfg = load_config(REPO / "studies" / "cnn.toml").sampler.model_copy(
+        update={"seed": 3, "history": MIN_HISTORY, "sample_ahead_from": 41})
+    ahead = optuna.create_study(storage=storage, sampler=make_sampler(cfg, 0, storage))
+    plain.optimize(cnn_space, n_trials=40)
+    ahead.optimize(working_ahead, n_trials=40)
+    assert [t.params for t in ahead.trials] == [t.params for t in plain.trials]
+
+
+def test_from_sample_ahead_from_each_trial_takes_the_sample_made_while_the_last_trained(caplog):
+    storage = InMemoryStorage()
+    inner, ahead = seen_tpe(0), seen_tpe(1)
+    sampler = HistoryWindowSampler(inner, MIN_HISTORY, storage, ahead=ahead, ahead_from=20)
+    study = optuna.create_study(storage=storage, sampler=sampler)
+    with caplog.at_level(logging.DEBUG, logger="hpsearch.window"):
+        study.optimize(working_ahead, n_trials=40)
+    # Trial k samples ahead once k trials have finished (k >= 20); trial k + 1 takes that sample.
+    assert inner.finished_seen == list(range(21))
+    assert ahead.finished_seen == list(range(20, 40))  # the sample for trial k + 1 lacks trial k's result
+    taken = [r.getMessage() for r in caplog.records if "takes the sample made ahead" in r.getMessage()]
+    assert taken == [f"trial {k} takes the sample made ahead" for k in range(21, 40)]
+    for k in range(21, 40):
+        trial, sample = study.trials[k], ahead.sampled[k - 21]
+        assert trial.params.items() <= sample.items()
+        # TPE's note of the sampled point (the constant liar's) is the trial's, as if sampled there
+        assert json.loads(trial.system_attrs["tpe:relative_params:0"]) == sample
+    assert study.best_value < 0.01
+
+
+def test_a_sample_ahead_that_its_trial_does_not_use_is_dropped():
+    storage = InMemoryStorage()
+    inner, ahead = seen_tpe(0), seen_tpe(1)
+    study = optuna.create_study(storage=storage, sampler=HistoryWindowSampler(
+        inner, MIN_HISTORY, storage, ahead=ahead, ahead_from=20))
+    study.optimize(working_ahead, n_trials=25)
+    study.enqueue_trial({"lr": 0.01, "optimizer": "adam"})  # trial 25: its parameters fixed
+    study.optimize(working_ahead, n_trials=2)
+    assert study.trials[25].params == {"lr": 0.01, "optimizer": "adam"}
+    # made during trials 20, 21, ...: trial 25 was offered the one made during trial 24 and did
+    # not use it; trial 26 takes the one made during trial 25, not that one
+    offered, made_during_25 = ahead.sampled[4], ahead.sampled[5]
+    note = json.loads(study.trials[26].system_attrs["tpe:relative_params:0"])
+    assert note == made_during_25 != offered
+    assert len(inner.sampled) == 21  # no trial after 20 was sampled the usual way
+
+
+class Broken(optuna.samplers.TPESampler):
+    def sample_relative(self, study, trial, search_space):
+        raise RuntimeError("broken on purpose")
+
+
+def test_a_sample_ahead_that_failed_leaves_the_trial_sampled_as_usual():
+    storage = InMemoryStorage()
+    inner = seen_tpe(0)
+    study = optuna.create_study(storage=storage, sampler=HistoryWindowSampler(
+        inner, MIN_HISTORY, storage, ahead=Broken(seed=1, multivariate=True, group=True), ahead_from=10))
+    study.optimize(working_ahead, n_trials=30)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len(inner.sampled) == 30
+
+
+def test_the_sample_ahead_knob_is_checked():
+    cfg = load_config(REPO / "studies" / "cnn.toml")
+    assert cfg.sampler.sample_ahead_from == 1000
+    with pytest.raises(ValueError, match="sample_ahead_from"):
+        cfg.sampler.model_validate({**cfg.sampler.model_dump(), "sample_ahead_from": -1})
+    with pytest.raises(ValueError, match="ahead_from"):
+        HistoryWindowSampler(tpe(0), 0, InMemoryStorage(), ahead=tpe(1), ahead_from=-1)
+    inner = tpe(0)
+    with pytest.raises(ValueError, match="own instance"):
+        HistoryWindowSampler(inner, 0, InMemoryStorage(), ahead=inner, ahead_from=10)

@@ -290,6 +290,9 @@ class SamplerConfig(_Frozen):
     constant_liar: bool = True
     # TPE models at most this many finished trials (window.py); 0: all of them.
     history: int = Field(default=1000, ge=0, le=1_000_000)
+    # From this many finished trials on, a worker samples its next trial while the current one
+    # trains (window.py, "Sampling ahead"); 0: never.
+    sample_ahead_from: int = Field(default=1000, ge=0, le=1_000_000_000)
 
     @model_validator(mode="after")
     def _history(self) -> "SamplerConfig":

@@ -47,6 +47,7 @@ from hpsearch.pruning import prefetch
 from hpsearch.recovery import retry_source, trial_id
 from hpsearch.storage import set_user_attrs
 from hpsearch.train import Diverged, EpochResult, HParams, Interrupted, Precision, fit
+from hpsearch.window import sample_ahead
 
 
 CURVE_ATTR = "curve"  # trial user attribute: [epoch, train loss, train acc, val loss, val acc] rows
@@ -107,6 +108,13 @@ def suggest_hparams(trial: optuna.Trial, space: SearchSpace) -> HParams:
         dropout=suggest(trial, "dropout", space.dropout),
         batch_size=suggest(trial, "batch_size", space.batch_size),
     )
+
+
+def work_ahead(trial: optuna.Trial, epoch: int) -> None:
+    """What the search does while an epoch trains: the pruner reads the trials for this epoch's
+    report, and the sampler samples this worker's next trial (once a trial, window.py)."""
+    prefetch(trial, epoch)
+    sample_ahead(trial, epoch)
 
 
 @dataclass(frozen=True)
@@ -288,7 +296,7 @@ class Objective:
                 max_epochs=t.max_epochs, patience=t.patience,
                 plateau_factor=t.plateau_factor, plateau_patience=t.plateau_patience,
                 eval_batch_size=t.eval_batch_size, precision=self.precision, seed=seed,
-                on_epoch=report, on_epoch_start=lambda epoch: prefetch(trial, epoch),
+                on_epoch=report, on_epoch_start=lambda epoch: work_ahead(trial, epoch),
                 start=resume.state if resume else None,
                 on_checkpoint=checkpoints.save, should_stop=self.should_stop,
                 num_classes=data.num_classes,

@@ -38,22 +38,30 @@ def sampler_seed(cfg: SamplerConfig, worker_index: int = 0) -> int | None:
 def make_sampler(cfg: SamplerConfig, worker_index: int = 0,
                  storage: BaseStorage | None = None) -> optuna.samplers.BaseSampler:
     """The study's sampler; with `storage` (the study's) TPE is asked on a window of at most
-    `cfg.history` finished trials (window.py), the whole study without it."""
+    `cfg.history` finished trials and samples ahead from `cfg.sample_ahead_from` (window.py), on
+    the whole study and never ahead without it."""
     seed = sampler_seed(cfg, worker_index)
     if cfg.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    tpe = _tpe(cfg, seed)
+    if storage is None or (cfg.history == 0 and cfg.sample_ahead_from == 0):
+        return tpe
+    # The sampler ahead runs in its own thread while `tpe` may sample: an instance of its own,
+    # with a seed of its own (a seeded study stays reproducible, and differs from `tpe`'s draws).
+    ahead = _tpe(cfg, None if seed is None else (seed + 1) % 2**32) if cfg.sample_ahead_from else None
+    return HistoryWindowSampler(tpe, cfg.history, storage, ahead=ahead, ahead_from=cfg.sample_ahead_from)
+
+
+def _tpe(cfg: SamplerConfig, seed: int | None) -> optuna.samplers.TPESampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        tpe = optuna.samplers.TPESampler(
+        return optuna.samplers.TPESampler(
             seed=seed,
             n_startup_trials=cfg.n_startup_trials,
             multivariate=cfg.multivariate,
             group=cfg.multivariate,  # momentum exists only for SGD: a conditional space
             constant_liar=cfg.constant_liar,
         )
-    if storage is None or cfg.history == 0:
-        return tpe
-    return HistoryWindowSampler(tpe, cfg.history, storage)
 
 
 def make_pruner(cfg: PrunerConfig, max_epochs: int) -> optuna.pruners.BasePruner:
