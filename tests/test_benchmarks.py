@@ -123,7 +123,9 @@ def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Pat
     rows = doc["results"]
     assert [(row["contender"], row["writes"], row["pruner"]) for row in rows] == [
         ("behind", "behind", "hpsearch"), ("sync", "sync", "hpsearch"), ("optuna-pruner", "behind", "optuna"),
-        ("no-prefetch", "behind", "no-prefetch"), ("tell-waited", "tell-waited", "hpsearch")]
+        ("no-prefetch", "behind", "no-prefetch"), ("tell-waited", "tell-waited", "hpsearch"),
+        ("no-ahead", "behind", "hpsearch")]
+    assert [row["ahead"] for row in rows] == [True] * 5 + [False]
     for row in rows:
         assert row["trials"] == 2 and row["cpu_ms"] > 0
         calls = row["calls"]
@@ -142,7 +144,7 @@ def test_solo_worker_quick_mode_times_each_contender_and_its_calls(tmp_path: Pat
     # warm-up epochs too, is left out: with epochs of 0.1 s the memo answers some of its reads).
     reads = {row["contender"]: row["calls"]["get_all_trials"]["per_trial"] for row in rows}
     assert reads["behind"] <= reads["no-prefetch"]
-    assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner", "no-prefetch", "tell-waited"}
+    assert set(doc["median_overhead_ms"]) == {"behind", "sync", "optuna-pruner", "no-prefetch", "tell-waited", "no-ahead"}
     assert "| optuna-pruner |" in r.stdout and "| no-prefetch |" in r.stdout
 
 
@@ -160,7 +162,8 @@ def test_sampler_cost_quick_mode_writes_its_json(tmp_path: Path, mnist_dir: Path
     out = tmp_path / "sampler.json"
     run_quick("sampler_cost.py", mnist_dir, out)
     rows = json.loads(out.read_text())["results"]
-    assert [(row["existing"], row["history"]) for row in rows] == [(0, 0), (0, 250), (300, 0), (300, 250)]
+    assert [(row["existing"], row["history"], row["ahead"]) for row in rows] == [
+        (0, 0, False), (0, 250, False), (300, 0, False), (300, 250, False), (300, 250, True)]
     assert all(row["asks"] == 3 and row["median_ms"] > 0 and row["proposed_loss_best"] > 0 for row in rows)
 
 
