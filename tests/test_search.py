@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import optuna
@@ -134,3 +135,23 @@ def test_status_on_a_missing_storage_creates_nothing(tmp_path: Path) -> None:
     r = run_cli("status", "--study", "cnn", cwd=tmp_path)
     assert r.returncode == 2 and "no study storage" in r.stderr
     assert not (tmp_path / "hpsearch.db").exists()
+
+
+def test_a_real_worker_samples_its_next_trial_while_one_trains(tmp_path: Path, mnist_dir: Path, caplog) -> None:
+    """The real objective starts the sample ahead as an epoch starts (window.py): from 3 finished
+    trials on, each trial after the one that began it takes it, and the search ends as usual."""
+    from rich.console import Console
+
+    cfg = load_config(write_study(tmp_path / "ahead.toml", name="ahead", n_trials=6, max_epochs=1))
+    cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update={"sample_ahead_from": 3})})
+    url = f"sqlite:///{tmp_path / 'hpsearch.db'}"
+    display = Display(Console(file=open(tmp_path / "log.txt", "w")), live=False)
+    with caplog.at_level(logging.DEBUG, logger="hpsearch.window"):
+        summary = run_worker(WorkerOptions(cfg=cfg, storage_url=url, data_dir=str(mnist_dir), device="cpu"), display)
+    messages = [r.getMessage() for r in caplog.records]
+    # trial 3 (3 finished when it was sampled) samples trial 4 while it trains, and trial 4 trial 5
+    assert [m for m in messages if "sample" in m] == ["trial 4 takes the sample made ahead",
+                                                       "trial 5 takes the sample made ahead"]
+    study = optuna.load_study(study_name="ahead", storage=url)
+    assert summary.trials_run == 6 and all(t.state.is_finished() and t.state != TrialState.FAIL for t in study.trials)
+    assert all("tpe:relative_params:0" in t.system_attrs for t in study.trials[4:])
