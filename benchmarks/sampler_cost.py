@@ -6,11 +6,11 @@ default space in in-memory studies that already hold N finished trials (the same
 every contender: the default space sampled at random, scored by a made-up loss with a known best
 region, `scaling.made_up_loss`). Contenders: TPE on the whole study (history = 0) and TPE on
 windows of 1,000 and 500 trials, each trial sampled as it starts; and TPE on the window of 1,000
-sampling ahead (`[sampler] sample_ahead_from`, as a worker does from 1,000 finished trials): each
-trial's sample made while the trial before it "trained" (here: between its ask and its tell), so
-the time is what is left between two trials and the sample lacks the last trial's result. Each repeat gives every contender a fresh copy of the study and
-the same seed; their asks are interleaved one by one, so machine noise hits them alike. Reported
-per contender: the median ask (+ suggest) time, and the quality of what TPE proposes: the median
+sampling ahead (`[sampler] sample_ahead_from`, here from any study size, so `--quick` takes that
+path too): each trial's sample made while the trial before it "trained" (here: between its ask
+and its tell), so the time is what is left between two trials and the sample lacks the last
+trial's result. Each repeat gives every contender a fresh copy of the study and the same seed;
+their asks are interleaved one by one, so machine noise hits them alike. Reported per contender: the median ask (+ suggest) time, and the quality of what TPE proposes: the median
 and best made-up loss of the proposed points (lower is better; TPE on the whole study is the
 reference).
 
@@ -39,6 +39,7 @@ from scaling import made_up_loss, overhead_config  # noqa: E402
 
 from hpsearch.objective import suggest_hparams, work_ahead  # noqa: E402
 from hpsearch.study import make_sampler  # noqa: E402
+from hpsearch.window import AHEAD_THREAD  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sampler_cost.json"
 
@@ -73,7 +74,7 @@ def one_ask(study: optuna.Study, cfg, ahead: bool = False) -> tuple[float, float
     if ahead:  # the trial's first epoch starts: the next trial is sampled meanwhile
         work_ahead(trial, 1)
         for thread in threading.enumerate():  # the "training" outlasts it, as a real epoch does
-            if thread.name == "hpsearch-sample-ahead":
+            if thread.name == AHEAD_THREAD:
                 thread.join()
     loss = made_up_loss(hp)
     study.tell(trial, loss)

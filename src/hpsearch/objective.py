@@ -114,7 +114,7 @@ def work_ahead(trial: optuna.Trial, epoch: int) -> None:
     """What the search does while an epoch trains: the pruner reads the trials for this epoch's
     report, and the sampler samples this worker's next trial (once a trial, window.py)."""
     prefetch(trial, epoch)
-    sample_ahead(trial, epoch)
+    sample_ahead(trial)
 
 
 @dataclass(frozen=True)

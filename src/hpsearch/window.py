@@ -59,6 +59,7 @@ KEEP_BEST = 100
 # The trial a sample ahead is made for: not in the study (TPE leaves it out of its model as "the
 # trial being sampled"), and the id its writes are kept under until a real trial takes them.
 AHEAD_ID = -1
+AHEAD_THREAD = "hpsearch-sample-ahead"  # the name of the thread a sample ahead is made in
 
 _log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class HistoryWindowSampler(optuna.samplers.BaseSampler):
                 return
             ahead = self._ahead[key] = _Ahead()
         ahead.thread = threading.Thread(target=self._sample_ahead, args=(study, ahead),
-                                        name="hpsearch-sample-ahead", daemon=True)
+                                        name=AHEAD_THREAD, daemon=True)
         ahead.thread.start()
 
     def _sample_ahead(self, study: optuna.Study, ahead: _Ahead) -> None:
@@ -235,11 +236,12 @@ class HistoryWindowSampler(optuna.samplers.BaseSampler):
             return
         if ahead.thread is not None:
             ahead.thread.join()  # begun as the last trial's training did: done by now, or nearly
-        if ahead.params:
+        if ahead.params:  # made, and not TPE's random start ({}): offered to `trial`
             with self._lock:
                 self._taken[(study.study_name, trial.number)] = ahead
 
     def _offered(self, study: optuna.Study, trial: FrozenTrial) -> _Ahead | None:
+        """The sample ahead `trial` was offered (its space and parameters set), if any."""
         with self._lock:
             return self._taken.get((study.study_name, trial.number))
 
@@ -258,14 +260,14 @@ class HistoryWindowSampler(optuna.samplers.BaseSampler):
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         ahead = self._offered(study, trial)
-        if ahead is not None and ahead.space is not None:
+        if ahead is not None:
             return dict(ahead.space)
         return self._inner.infer_relative_search_space(self._view(study, trial), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         ahead = self._offered(study, trial)
-        if ahead is not None and ahead.params is not None and search_space == ahead.space:
+        if ahead is not None and search_space == ahead.space:
             if ahead.writes:  # what TPE wrote for the sample, now the trial's
                 tid = self._store.get_trial_id_from_study_id_trial_number(self._id_of(study), trial.number)
                 for key, value in ahead.writes:
@@ -291,7 +293,7 @@ class HistoryWindowSampler(optuna.samplers.BaseSampler):
             self._ahead_sampler.reseed_rng()
 
 
-def sample_ahead(trial: optuna.Trial, epoch: int) -> None:
+def sample_ahead(trial: optuna.Trial) -> None:
     """As an epoch of `trial` starts, let the study's sampler sample this worker's next trial while
     this one trains, if it can (`HistoryWindowSampler.sample_ahead`: once a trial, at the first
     epoch this worker trains of it, a resumed trial's included)."""
@@ -335,5 +337,5 @@ class _WindowReads(BaseStorage):
             self.inner.set_trial_system_attr(trial_id, key, value)
 
 
-# Every abstract method of BaseStorage but the three above, delegated to the real storage.
+# Every abstract method of BaseStorage but the four above, delegated to the real storage.
 WindowStorage = delegating(_WindowReads, "WindowStorage")
